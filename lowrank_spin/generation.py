@@ -1,0 +1,123 @@
+"""Batched synthetic-response generation: no_grad, eval mode, length-sorted, left-padded, KV-cached.
+
+Progress is appended to a jsonl file and flushed per batch, so a run killed mid-generation resumes
+without regenerating finished prompts. Each batch is seeded from (seed, batch index) and batches are
+fixed by the length order, so a resumed generation equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Generated:
+    text: str
+    num_tokens: int
+    finished: bool  # False when max_new_tokens was hit before EOS
+
+
+def generate_responses(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    progress_path: str | Path | None = None,
+    desc: str = "generate",
+) -> tuple[list[Generated], dict[str, float]]:
+    """Generate one response per prompt; returns them in prompt order, plus timing statistics.
+
+    temperature 0 means greedy decoding.
+    """
+    done = _read_progress(progress_path) if progress_path else {}
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    pending = [(b, batch) for b, batch in enumerate(batches) if not all(i in done for i in batch)]
+
+    was_training = model.training
+    model.eval()
+    new_tokens, start = 0, time.perf_counter()
+    log = open(progress_path, "a") if progress_path else None
+    try:
+        bar = tqdm(total=len(prompt_ids), initial=len(prompt_ids) - sum(len(b) for _, b in pending), desc=desc, unit="prompt")
+        for batch_index, batch in pending:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + batch_index)
+                outputs = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, temperature, top_p)
+            for i, generated in zip(batch, outputs):
+                done[i] = generated
+                new_tokens += generated.num_tokens
+                if log:
+                    log.write(json.dumps({"index": i, **asdict(generated)}) + "\n")
+            if log:
+                log.flush()
+                os.fsync(log.fileno())
+            bar.update(len(batch))
+        bar.close()
+    finally:
+        if log:
+            log.close()
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    stats = {"seconds": seconds, "new_tokens": new_tokens, "tokens_per_second": new_tokens / max(seconds, 1e-9)}
+    return [done[i] for i in range(len(prompt_ids))], stats
+
+
+@torch.no_grad()
+def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float):
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        use_cache=True,
+        **sampling,
+    )
+    results = []
+    for row in output[:, width:].tolist():
+        finished = eos_id in row
+        tokens = row[: row.index(eos_id)] if finished else row
+        results.append(Generated(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finished))
+    return results
+
+
+def _read_progress(path: str | Path) -> dict[int, Generated]:
+    """Rows of a progress file; a torn last line (killed mid-write) is ignored and regenerated."""
+    done: dict[int, Generated] = {}
+    path = Path(path)
+    if not path.exists():
+        return done
+    text = path.read_text()
+    if text and not text.endswith("\n"):  # drop the torn tail so appended rows start on a fresh line
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text)
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[row.pop("index")] = Generated(**row)
+    return done

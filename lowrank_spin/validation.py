@@ -1,0 +1,79 @@
+"""Fail fast: every bad setting reported together, each naming its config field, before any long work."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+
+from lowrank_spin.losses import LOSS_TYPES, OBJECTIVES
+from lowrank_spin.models import DTYPES
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+class ConfigError(ValueError):
+    """One error for all the bad fields of a config; `.errors` lists them."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def raise_if_any(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError(errors)
+
+
+def validate_module_args(hp: Mapping) -> None:
+    errors: list[str] = []
+    if hp["objective"] not in OBJECTIVES:
+        errors.append(f"model.objective: must be one of {OBJECTIVES}, got {hp['objective']!r}")
+    if hp["loss_type"] not in LOSS_TYPES:
+        errors.append(f"model.loss_type: must be one of {LOSS_TYPES}, got {hp['loss_type']!r}")
+    if hp["num_iterations"] < 1:
+        errors.append(f"model.num_iterations: must be >= 1, got {hp['num_iterations']}")
+    if hp["epochs_per_iteration"] < 1:
+        errors.append(f"model.epochs_per_iteration: must be >= 1, got {hp['epochs_per_iteration']}")
+    for field in ("beta", "learning_rate"):
+        errors += _per_iteration_errors(field, hp[field], hp["num_iterations"])
+    for field in ("lora_rank", "lora_alpha", "tspin_alpha"):
+        if hp[field] <= 0:
+            errors.append(f"model.{field}: must be > 0, got {hp[field]}")
+    for field in ("tspin_beta", "nll_weight", "weight_decay"):
+        if hp[field] < 0:
+            errors.append(f"model.{field}: must be >= 0, got {hp[field]}")
+    if not 0 <= hp["lora_dropout"] < 1:
+        errors.append(f"model.lora_dropout: must be in [0, 1), got {hp['lora_dropout']}")
+    for field in ("dtype", "compute_dtype"):
+        if hp[field] not in DTYPES:
+            errors.append(f"model.{field}: must be one of {tuple(DTYPES)}, got {hp[field]!r}")
+    if hp["load_in_4bit"] and importlib.util.find_spec("bitsandbytes") is None:
+        errors.append("model.load_in_4bit: needs bitsandbytes (pip install bitsandbytes) or set it to false")
+    if hp["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
+        errors.append(f"model.attn_implementation: must be one of {ATTN_IMPLEMENTATIONS}, got {hp['attn_implementation']!r}")
+    elif hp["attn_implementation"] == "flash_attention_2":
+        errors += _flash_attention_errors()
+    raise_if_any(errors)
+
+
+def _per_iteration_errors(field: str, value, num_iterations: int) -> list[str]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    errors = []
+    if isinstance(value, (list, tuple)) and len(values) != num_iterations:
+        errors.append(f"model.{field}: has {len(values)} values for {num_iterations} iterations (model.num_iterations)")
+    if any(v <= 0 for v in values):
+        errors.append(f"model.{field}: must be > 0, got {value}")
+    return errors
+
+
+def _flash_attention_errors() -> list[str]:
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return ["model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install 'lowrank_spin[gpu]'); use sdpa"]
+    if not torch.cuda.is_available():
+        return ["model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa on this machine"]
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return [f"model.attn_implementation: flash_attention_2 needs an Ampere or newer GPU (compute capability 8.0+), found {major}.x"]
+    return []

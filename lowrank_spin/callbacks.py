@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +27,12 @@ class IterationBoundaries(L.Callback):
         if BEFORE not in _read_results(trainer):
             self._evaluate(trainer, module, BEFORE)
 
+    def on_train_epoch_start(self, trainer: L.Trainer, module) -> None:
+        self._epoch_start = time.perf_counter()
+
     def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics({"time/train_epoch_seconds": time.perf_counter() - self._epoch_start}, step=trainer.global_step)
         if (trainer.current_epoch + 1) % module.hparams.epochs_per_iteration:
             return
         iteration = module.iteration
@@ -48,6 +54,7 @@ class IterationBoundaries(L.Callback):
         if not examples:
             return
         hp = datamodule.hparams
+        start = time.perf_counter()
         metrics, samples = evaluate(
             module,
             examples,
@@ -55,7 +62,7 @@ class IterationBoundaries(L.Callback):
             batch_size=hp.generation_batch_size,
             max_new_tokens=hp.eval_max_new_tokens or hp.max_new_tokens,
         )
-        metrics = {"iteration": iteration, "split": split, **metrics}
+        metrics = {"iteration": iteration, "split": split, **metrics, "seconds": time.perf_counter() - start}
         for logger in trainer.loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if k != "split"}, step=trainer.global_step)
         if trainer.is_global_zero:

@@ -119,5 +119,6 @@ def _read_progress(path: str | Path) -> dict[int, Generated]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        done[row.pop("index")] = Generated(**row)
+        index = row.pop("index")
+        done[index] = Generated(**row)
     return done

@@ -1,0 +1,97 @@
+"""Reading user data, rendering prompts, batching, and resumable generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowrank_spin import models
+from lowrank_spin.data import Collator, read_pairs, render_prompt, response_ids
+from lowrank_spin.generation import generate_responses
+from lowrank_spin.losses import IGNORE_INDEX
+from lowrank_spin.validation import ConfigError
+
+
+def test_collator_layout_and_masks(tokenizer):
+    examples = [
+        {"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
+        {"prompt_ids": [5, 6], "real_ids": [11, 2], "generated_ids": [12, 13, 14, 15]},
+    ]
+    batch = Collator(0, ("real", "generated"))(examples)
+    assert batch["num_responses"] == 2
+    # rows: [real_0, real_1, generated_0, generated_1], right-padded to the longest (6)
+    assert batch["input_ids"].tolist() == [
+        [5, 6, 7, 8, 9, 2],
+        [5, 6, 11, 2, 0, 0],
+        [5, 6, 7, 10, 2, 0],
+        [5, 6, 12, 13, 14, 15],
+    ]
+    I = IGNORE_INDEX
+    assert batch["labels"].tolist() == [
+        [I, I, I, 8, 9, 2],
+        [I, I, 11, 2, I, I],
+        [I, I, I, 10, 2, I],
+        [I, I, 12, 13, 14, 15],
+    ]
+    assert batch["attention_mask"].sum(-1).tolist() == [6, 4, 5, 6]
+
+
+def test_prompt_rendering_uses_chat_template(tokenizer):
+    ids = render_prompt(tokenizer, "What is 2 + 2?", system_prompt="Be brief.")
+    text = tokenizer.decode(ids)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    assert response_ids(tokenizer, "4", finished=True)[-1] == tokenizer.eos_token_id
+    assert tokenizer.eos_token_id not in response_ids(tokenizer, "4", finished=False)
+
+
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_read_pairs_jsonl_json_and_messages(tmp_path):
+    jsonl = _write(tmp_path / "d.jsonl", [{"q": "a?", "a": "b"}, {"q": "c?", "a": "d"}, {"q": "a?", "a": "b"}])
+    assert read_pairs(jsonl, "train", "q", "a") == [{"prompt": "a?", "response": "b"}, {"prompt": "c?", "response": "d"}]
+    (tmp_path / "d.json").write_text(json.dumps([{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "x"}]}]))
+    assert read_pairs(str(tmp_path / "d.json"), "train", "prompt", "response") == [{"prompt": "hi", "response": "hello"}]
+    assert len(read_pairs(jsonl, "train", "q", "a", max_samples=1)) == 1
+
+
+def test_read_pairs_reports_every_bad_row(tmp_path):
+    path = _write(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "ok"}, {"prompt": "x"}, {"prompt": "", "response": "y"}, {"prompt": 3, "response": "z"}])
+    with pytest.raises(ConfigError) as info:
+        read_pairs(path, "train", "prompt", "response")
+    message = str(info.value)
+    assert "bad.jsonl: row 2: missing field 'response'" in message
+    assert "row 3: field 'prompt' must be a non-empty string" in message
+    assert "row 4: field 'prompt' must be a non-empty string" in message
+
+
+def test_read_pairs_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_pairs(str(tmp_path / "missing.jsonl"), "train", "prompt", "response")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match="broken.jsonl' row 2 is not valid JSON"):
+        read_pairs(str(tmp_path / "broken.jsonl"), "train", "prompt", "response")
+
+
+def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, tokenizer, tmp_path):
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), lora_rank=4)
+    prompts = [render_prompt(tokenizer, f"Question number {i}" + "?" * (i % 3)) for i in range(10)]
+    kwargs = dict(batch_size=4, max_new_tokens=6, temperature=1.0, seed=3)
+    full, stats = generate_responses(model, tokenizer, prompts, **kwargs)
+    assert stats["new_tokens"] == sum(g.num_tokens for g in full)
+
+    progress = tmp_path / "progress.jsonl"
+    generate_responses(model, tokenizer, prompts, **kwargs, progress_path=progress)
+    rows = progress.read_text().splitlines()
+    progress.write_text("\n".join(rows[:4]) + "\n" + rows[4][:10])  # killed while writing the second batch
+    torch.manual_seed(123)  # a resumed process has another global RNG state: batches are seeded themselves
+    resumed, resumed_stats = generate_responses(model, tokenizer, prompts, **kwargs, progress_path=progress)
+    assert [g.text for g in resumed] == [g.text for g in full]
+    finished_first_batch = sum(json.loads(r)["num_tokens"] for r in rows[:4])
+    assert resumed_stats["new_tokens"] == stats["new_tokens"] - finished_first_batch  # batch 1 not regenerated
+    indices = [json.loads(line)["index"] for line in progress.read_text().splitlines()]
+    assert sorted(indices) == list(range(10)), "every prompt exactly once"

@@ -1,0 +1,68 @@
+"""Saved adapters evaluate with lm-evaluation-harness on the local `lowrank_spin_math` task, offline."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from lowrank_spin import math_task, models
+from lowrank_spin.lm_eval_tasks import TASK, task_dir
+
+lm_eval = pytest.importorskip("lm_eval")
+
+
+@pytest.fixture
+def one_thread():
+    """128 greedy steps of a 64-wide model are latency-bound: a second OpenMP thread only spins, which
+    on a busy 2-core machine turns 3 s into minutes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_evaluate_adapter_on_saved_adapter(cache_dir, tmp_path, monkeypatch, one_thread):
+    from lowrank_spin.lm_eval_runner import evaluate_adapter
+
+    monkeypatch.chdir(tmp_path)  # lm_eval asks git for a commit hash in the working directory: not the repo's
+    path = models.resolve_model_path(models.TINY_LLAMA, cache_dir)
+    model = models.attach_lora(models.load_base_model(path), lora_rank=4, lora_alpha=8)
+    adapter = models.save_adapter(model, tmp_path / "iter_0")
+    math_task.write_jsonl(math_task.make_splits(4, 0, 4, seed=0)["test"], tmp_path / "test.jsonl")
+
+    result = evaluate_adapter(path, str(adapter), str(tmp_path / "test.jsonl"), limit=4)
+
+    assert set(result) == {"exact_match", "stderr", "num_examples"}
+    assert 0.0 <= result["exact_match"] <= 1.0
+    assert result["num_examples"] == 4
+
+
+def test_task_scores_with_the_package_checker(tmp_path):
+    """The task as lm_eval loads it from `task_dir`: data from the jsonl, `!function utils.process_results`."""
+    from lm_eval.tasks import TaskManager
+
+    problem = math_task.MathProblem("What is 12 + 7?", "12 + 7 = 19.\nThe answer is 19.", 19, 1, "hand")
+    math_task.write_jsonl([problem], tmp_path / "test.jsonl")
+    include = task_dir(str(tmp_path / "test.jsonl"), str(tmp_path / "tasks"))
+    task = TaskManager(include_path=include, include_defaults=False).load([TASK])["tasks"][TASK]
+    (doc,) = list(task.test_docs())
+
+    assert doc == problem.to_record()
+    assert task.process_results(doc, ["12 + 7 = 19.\nThe final answer is **19**."]) == {"exact_match": 1.0}
+    # The answer phrase wins over the last number, as in math_task.extract_answer.
+    assert task.process_results(doc, ["12 + 7 = 21.\nThe answer is 21, not 19."]) == {"exact_match": 0.0}
+
+
+def test_task_dir_needs_an_existing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="test_jsonl"):
+        task_dir(str(tmp_path / "missing.jsonl"), str(tmp_path / "tasks"))
+
+
+def test_missing_lm_eval_says_how_to_install(monkeypatch):
+    from lowrank_spin.lm_eval_runner import evaluate_adapter
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` sees when it is not installed
+    with pytest.raises(ImportError, match="pip install lm_eval"):
+        evaluate_adapter("unused", None, "unused.jsonl")

@@ -1,0 +1,181 @@
+"""The 4-bit base, the LoRA policy/opponent adapters, and what must never change (the base)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import chat_batch, randomize_lora
+from lowrank_spin import models
+from lowrank_spin.generation import generate_responses
+from lowrank_spin.losses import sequence_logps
+
+PROMPTS = ["What is 12 + 7?", "Tom has 3 apples and buys 4 more. How many apples does he have?"]
+RESPONSES = ["12 + 7 = 19.\nThe answer is 19.", "3 + 4 = 7.\nThe answer is 7."]
+
+
+def _lora_grads(model, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model.train()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    (-sequence_logps(logits, batch["labels"]).sum()).backward()
+    return {n: p.grad.clone() for n, p in models.lora_parameters(model).items()}
+
+
+def _dequantized_reference(tiny_model_dir, quantized):
+    """The same LoRA model over a plain float32 base whose weights are the nf4 weights dequantized."""
+    import bitsandbytes.functional as bnbf
+
+    reference = models.attach_lora(models.load_base_model(tiny_model_dir, dtype="float32"), lora_rank=4, lora_alpha=8)
+    quantized_modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            source = quantized_modules.get(name)
+            if hasattr(source, "weight") and hasattr(source.weight, "quant_state"):
+                module.weight.copy_(bnbf.dequantize_4bit(source.weight.data, source.weight.quant_state).float())
+        reference.load_state_dict({n: p for n, p in quantized.state_dict().items() if "lora_" in n}, strict=False)
+    return reference
+
+
+@pytest.fixture()
+def quantized_and_reference(tiny_model_dir):
+    quantized = models.attach_lora(
+        models.load_base_model(tiny_model_dir, load_in_4bit=True, compute_dtype="float32"), lora_rank=4, lora_alpha=8
+    )
+    randomize_lora(quantized)
+    return quantized, _dequantized_reference(tiny_model_dir, quantized)
+
+
+def _assert_grads_match(quantized, reference, batch):
+    got, expected = _lora_grads(quantized, batch), _lora_grads(reference, batch)
+    assert got.keys() == expected.keys() and got
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_4bit_lora_gradients_match_dequantized_reference_after_generation(quantized_and_reference, tokenizer):
+    """Regression test for the CPU repack trap: an eval-mode no-grad forward (generation, validation)
+    repacks bitsandbytes 4-bit weights onto a path without autograd unless it is switched off."""
+    quantized, reference = quantized_and_reference
+    batch = chat_batch(tokenizer, PROMPTS, RESPONSES)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
+        _assert_grads_match(quantized, reference, batch)
+        generate_responses(quantized, tokenizer, [batch["input_ids"][0, :10].tolist()], max_new_tokens=4)
+        with torch.no_grad():  # a validation-style forward too
+            quantized.eval()
+            quantized(input_ids=batch["input_ids"])
+        _assert_grads_match(quantized, reference, batch)
+
+
+def test_every_4bit_layer_has_cpu_repack_disabled(tiny_model_dir):
+    model = models.load_base_model(tiny_model_dir, load_in_4bit=True)
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(layers) == 2 * 7  # 2 decoder layers x (q, k, v, o, gate, up, down)
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_training_changes_every_lora_parameter_and_no_base_parameter(tiny_model_dir, tokenizer, load_in_4bit):
+    model = models.attach_lora(models.load_base_model(tiny_model_dir, load_in_4bit=load_in_4bit), lora_rank=4, lora_alpha=8)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    policy_before = {n: p.detach().clone() for n, p in models.lora_parameters(model).items()}
+    opponent_before = {n: p.detach().clone() for n, p in models.lora_parameters(model, models.OPPONENT).items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = chat_batch(tokenizer, PROMPTS, RESPONSES)
+    for _ in range(3):
+        _lora_grads(model, batch)
+        optimizer.step()
+    for name, param in model.named_parameters():
+        if name in base_before:
+            assert torch.equal(param, base_before[name]), f"base parameter {name} changed"
+        elif name in opponent_before:
+            assert torch.equal(param, opponent_before[name]), f"opponent parameter {name} changed"
+        else:
+            assert not torch.equal(param, policy_before[name]), f"LoRA parameter {name} did not change"
+    assert set(policy_before) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _logps(model, batch):
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["labels"])
+
+
+def test_toggled_opponent_reproduces_previous_policy_exactly(tiny_model_dir, tokenizer):
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), lora_rank=4, lora_alpha=8)
+    randomize_lora(model)
+    batch = chat_batch(tokenizer, PROMPTS, RESPONSES)
+    previous_policy = _logps(model, batch)
+    models.snapshot_opponent(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    _lora_grads(model, batch)
+    optimizer.step()  # the policy moves one step away from its snapshot
+    assert not torch.equal(_logps(model, batch), previous_policy)
+    with models.opponent(model):
+        assert torch.equal(_logps(model, batch), previous_policy)
+        assert not any(p.requires_grad for p in model.parameters())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(models.lora_parameters(model))
+
+
+def test_opponent_with_adapters_disabled_is_the_base(tiny_model_dir, tokenizer):
+    base = models.load_base_model(tiny_model_dir)
+    batch = chat_batch(tokenizer, PROMPTS, RESPONSES)
+    base_logps = _logps(base, batch)
+    model = models.attach_lora(base, lora_rank=4, lora_alpha=8)
+    randomize_lora(model)
+    assert not torch.equal(_logps(model, batch), base_logps)
+    with models.opponent(model, adapters_disabled=True):
+        assert torch.equal(_logps(model, batch), base_logps)
+
+
+def test_saved_adapter_loads_with_peft(tiny_model_dir, tokenizer, tmp_path):
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), lora_rank=4, lora_alpha=8)
+    randomize_lora(model)
+    batch = chat_batch(tokenizer, PROMPTS, RESPONSES)
+    expected = _logps(model, batch)
+    (tmp_path / "iter_0").mkdir()
+    (tmp_path / "iter_0" / "synthetic.jsonl").write_text("{}\n")
+    models.save_adapter(model, tmp_path / "iter_0")
+    assert (tmp_path / "iter_0" / "synthetic.jsonl").exists(), "saving an adapter must keep the iteration's other files"
+    assert not list((tmp_path / "iter_0").glob("*.bin")), "adapters are safetensors only"
+    loaded = PeftModel.from_pretrained(models.load_base_model(tiny_model_dir), tmp_path / "iter_0")
+    torch.testing.assert_close(_logps(loaded, batch), expected)
+    # and as the initial adapter of a new run (e.g. SPIN after SFT)
+    resumed = models.attach_lora(models.load_base_model(tiny_model_dir), init_adapter=str(tmp_path / "iter_0"))
+    torch.testing.assert_close(_logps(resumed, batch), expected)
+    assert all(p.requires_grad for p in models.lora_parameters(resumed).values())
+
+
+def test_resolve_model_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.model_name_or_path"):
+        models.resolve_model_path(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        models.resolve_model_path(str(tmp_path))
+    assert models.resolve_model_path("HuggingFaceH4/zephyr-7b-sft-full") == "HuggingFaceH4/zephyr-7b-sft-full"
+
+
+def _cpu_has_avx512bf16() -> bool:
+    from bitsandbytes.functional import has_avx512bf16  # the probe bitsandbytes itself uses
+
+    return bool(has_avx512bf16())
+
+
+@pytest.mark.skipif(not _cpu_has_avx512bf16(), reason="the repack trap exists only on CPUs with AVX512-BF16")
+def test_gradient_check_catches_the_repack_trap(quantized_and_reference, tokenizer):
+    """Negative control: with the repack left on (bitsandbytes' default), the check above fails."""
+    quantized, reference = quantized_and_reference
+    for module in quantized.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True
+    batch = chat_batch(tokenizer, PROMPTS, RESPONSES)
+    with torch.no_grad():
+        quantized.eval()
+        quantized(input_ids=batch["input_ids"])
+    with pytest.raises((AssertionError, UserWarning)), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
+        _assert_grads_match(quantized, reference, batch)

@@ -36,13 +36,15 @@ class SelfPlayDataModule(L.LightningDataModule):
         split: split of a hub dataset. `val_dataset`: optional held-out file or hub split for a user dataset.
         prompt_field, response_field: column names; rows with a `messages` list use its first user and
             first assistant turn instead (ultrachat style).
-        max_samples: keep the first N training rows.
+        max_samples: keep the first N training rows (also of the embedded task: the data-scarcity knob).
         num_train, num_val, num_test, task_seed: sizes and seed of the embedded task's splits.
         eval_split: `validation` or `test`: what the per-iteration evaluation scores.
         system_prompt: optional system message put before every prompt.
         max_prompt_length: prompts longer than this (in tokens) are skipped, with a count reported.
         max_response_length: real responses are truncated to this many tokens.
         keep_previous_iterations: train iteration t on its own pairs plus iteration t-1's (re-scored).
+        seed: seeds generation (per batch) and the shuffling (per epoch): a resumed run sees what an
+            uninterrupted one would have.
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         top_p: float = 1.0,
         eval_max_new_tokens: int | None = None,
         keep_previous_iterations: bool = False,
-        generation_seed: int = 0,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -102,6 +104,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.dataset == MATH:
             splits = math_task.make_splits(hp.num_train, hp.num_val, hp.num_test, seed=hp.task_seed)
+            splits["train"] = splits["train"][: hp.max_samples]  # the annotated-data budget (None: all)
             records = {name: [p.to_record() for p in problems] for name, problems in splits.items()}
             data_dir = self.run_dir / "data"  # the task as jsonl, usable like any user dataset
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -133,10 +136,13 @@ class SelfPlayDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         objective = module.hparams.objective
         examples = self.examples["train"] if objective == "sft" else self.synthetic_examples(module.iteration)
+        # The order depends only on (seed, epoch), so a resumed epoch sees the batches it would have seen.
+        order = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.trainer.current_epoch)
         return DataLoader(
             examples,
             batch_size=self.hparams.batch_size,
             shuffle=True,
+            generator=order,
             collate_fn=Collator(module.tokenizer.pad_token_id, RESPONSES[objective]),
         )
 
@@ -183,7 +189,7 @@ class SelfPlayDataModule(L.LightningDataModule):
                 max_new_tokens=self.hparams.max_new_tokens,
                 temperature=self.hparams.temperature,
                 top_p=self.hparams.top_p,
-                seed=self.hparams.generation_seed + 1000 * iteration,
+                seed=self.hparams.seed + 1000 * iteration,
                 progress_path=path.with_suffix(".partial.jsonl"),
                 desc=f"iter {iteration} generate",
             )
@@ -198,12 +204,7 @@ class SelfPlayDataModule(L.LightningDataModule):
             example["proto_ids"] = response_ids(tokenizer, y0.text, y0.finished)
         if module.hparams.objective == "spin":
             self._score(examples)
-        rows = [
-            {k: e[k] for k in ("prompt", "response", "generated", "generated_finished", "proto", "proto_finished")}
-            | {"iteration": iteration}
-            | {k: e[k] for k in ("opponent_real_logps", "opponent_generated_logps") if k in e}
-            for e in examples
-        ]
+        rows = [{k: v for k, v in e.items() if not k.endswith("_ids")} | {"iteration": iteration} for e in examples]
         write_jsonl_atomic(rows, path)
         path.with_suffix(".partial.jsonl").unlink(missing_ok=True)
 

@@ -3,6 +3,8 @@ dataset has a checker (the embedded math task)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lowrank_spin import math_task
@@ -29,10 +31,25 @@ def evaluate(module, examples: list[dict], check_answers: bool, batch_size: int,
     if check_answers:
         correct = [math_task.is_correct(g.text, e["answer"]) for e, g in zip(examples, generated)]
         metrics["accuracy"] = sum(correct) / len(correct)
+        metrics["accuracy_ci_low"], metrics["accuracy_ci_high"] = wilson_interval(sum(correct), len(correct))
         metrics["num_examples"] = len(correct)
+        # a 135M model gains first on one-step problems: report accuracy per number of reasoning steps
+        for steps in sorted({e["num_steps"] for e in examples}):
+            hits = [ok for e, ok in zip(examples, correct) if e["num_steps"] == steps]
+            metrics[f"accuracy_{steps}_steps"] = sum(hits) / len(hits)
         for sample, ok in zip(samples, correct):
             sample["correct"] = ok
     return metrics, samples
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sane at 0 and n, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 @torch.no_grad()

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lowrank_spin.faults import kill_point
+
 
 @dataclass
 class Generated:
@@ -64,6 +66,7 @@ def generate_responses(
             if log:
                 log.flush()
                 os.fsync(log.fileno())
+                kill_point("generation_batch")
             bar.update(len(batch))
         bar.close()
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from functools import cached_property
 
 import lightning as L
@@ -34,6 +35,8 @@ class SelfPlayLoRA(L.LightningModule):
         length_normalize: average instead of sum the response log-probs.
         precompute_opponent_logps: score real/generated with the opponent once per iteration, right after
             generation (default); otherwise score on the fly through the toggled adapter every step.
+        real_drift_warning: warn when, over an epoch, the policy's log-prob of the real responses fell
+            this many nats (mean) below the opponent's: the collapse users report (uclaml/SPIN#13).
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class SelfPlayLoRA(L.LightningModule):
         num_iterations: int = 2,
         epochs_per_iteration: int = 1,
         precompute_opponent_logps: bool = True,
+        real_drift_warning: float = 5.0,
         cache_dir: str | None = None,
     ):
         super().__init__()
@@ -70,6 +74,7 @@ class SelfPlayLoRA(L.LightningModule):
 
         validate_module_args(self.hparams)
         self.model: models.PeftModel | None = None
+        self._real_drift: list[float] = []
         # Checkpoints hold only the LoRA adapters (see on_save_checkpoint); the base is reloaded.
         self.strict_loading = False
 
@@ -121,10 +126,26 @@ class SelfPlayLoRA(L.LightningModule):
     def learning_rate_at(self, iteration: int) -> float:
         return _per_iteration(self.hparams.learning_rate, iteration)
 
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def elapsed_seconds(self) -> float:
+        """Wall-clock seconds since this process started fitting (a resumed run restarts the clock)."""
+        return time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
+
     def on_train_epoch_start(self) -> None:
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = self.learning_rate_at(self.iteration)
         models.use_policy(self.model)
+        self._real_drift = []
+
+    def on_train_epoch_end(self) -> None:
+        if self._real_drift and (drift := sum(self._real_drift) / len(self._real_drift)) < -self.hparams.real_drift_warning:
+            log.warning(
+                "iteration %d: log p(real) fell %.1f nats below the opponent on average: self-play is pushing the "
+                "real responses down too; consider a lower learning_rate or beta, or nll_weight > 0",
+                self.iteration, -drift,
+            )
 
     # ---- the step ---------------------------------------------------------------------------------
 
@@ -134,6 +155,7 @@ class SelfPlayLoRA(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.log("iteration", float(self.iteration), on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("time/elapsed_seconds", self.elapsed_seconds(), on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -163,6 +185,7 @@ class SelfPlayLoRA(L.LightningModule):
                 real_logps, generated_logps, opponent_real, opponent_generated, self.beta_at(self.iteration), hp.loss_type
             )
             metrics.update(_reward_metrics(real_rewards, generated_rewards))
+            self._real_drift.append((real_logps - opponent_real).mean().item())
         else:
             per_example, current, historical = losses.tspin_loss(
                 real_logps, generated_logps, chunks[2], hp.tspin_alpha, hp.tspin_beta
@@ -207,6 +230,8 @@ class SelfPlayLoRA(L.LightningModule):
             "generation/unfinished_fraction": unfinished / max(total, 1),
             "generation/empty_fraction": empty / max(total, 1),
             "generation/iteration": iteration,
+            # when it ended, on the run's wall clock: the comparison plots shade generation phases
+            "generation/end_elapsed_seconds": self.elapsed_seconds(),
         }
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)

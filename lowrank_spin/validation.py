@@ -39,7 +39,7 @@ def validate_module_args(hp: Mapping) -> None:
     for field in ("lora_rank", "lora_alpha", "tspin_alpha"):
         if hp[field] <= 0:
             errors.append(f"model.{field}: must be > 0, got {hp[field]}")
-    for field in ("tspin_beta", "nll_weight", "weight_decay"):
+    for field in ("tspin_beta", "nll_weight", "weight_decay", "real_drift_warning"):
         if hp[field] < 0:
             errors.append(f"model.{field}: must be >= 0, got {hp[field]}")
     if not 0 <= hp["lora_dropout"] < 1:
@@ -53,7 +53,46 @@ def validate_module_args(hp: Mapping) -> None:
         errors.append(f"model.attn_implementation: must be one of {ATTN_IMPLEMENTATIONS}, got {hp['attn_implementation']!r}")
     elif hp["attn_implementation"] == "flash_attention_2":
         errors += _flash_attention_errors()
+    errors += _model_path_errors(hp["model_name_or_path"])
     raise_if_any(errors)
+
+
+def _model_path_errors(name_or_path: str) -> list[str]:
+    """Local folders are checked now; embedded names are built and hub ids fetched when the run starts."""
+    from pathlib import Path
+
+    from lowrank_spin.models import EMBEDDED_MODELS
+
+    path = Path(name_or_path).expanduser()
+    if name_or_path in EMBEDDED_MODELS or not (path.exists() or name_or_path.startswith((".", "/", "~"))):
+        return []
+    field = "model.model_name_or_path"
+    if not path.is_dir():
+        return [f"{field}: folder {str(path)!r} does not exist"]
+    if not (path / "config.json").is_file():
+        return [f"{field}: {str(path)!r} has no config.json (not a Hugging Face model folder)"]
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return [f"{field}: {str(path)!r} has no tokenizer (tokenizer.json / tokenizer_config.json)"]
+    config = path / "tokenizer_config.json"
+    has_template = (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file() or (
+        config.is_file() and "chat_template" in config.read_text()
+    )
+    if not has_template:
+        return [f"{field}: the tokenizer in {str(path)!r} has no chat template; prompts are rendered with it"]
+    return []
+
+
+def validate_output_dir(root: str) -> None:
+    """The run directory must be writable before hours of generation are spent."""
+    import os
+    import tempfile
+
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        raise ConfigError([f"trainer.default_root_dir: {root!r} is not writable ({err.strerror})"]) from err
 
 
 def _per_iteration_errors(field: str, value, num_iterations: int) -> list[str]:

@@ -1,0 +1,113 @@
+"""Side-by-side speed measurements of the pieces of one SPIN iteration, in one process.
+
+    .venv/bin/python benchmarks/bench_iteration.py --num-prompts 32
+
+1. generation: batched, length-sorted, KV-cached (batch 16) vs one prompt at a time: new tokens/s
+2. opponent log-probs precomputed once per iteration vs recomputed on the fly in every training step:
+   seconds per training epoch (and the one-off scoring cost of the precomputed path)
+
+Both sides of each comparison run on the same model, prompts and settings, back to back, and the
+ratio is printed. Timings are wall-clock on whatever machine runs this; record the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from lowrank_spin import math_task, models
+from lowrank_spin.data import Collator, render_prompt, response_ids
+from lowrank_spin.generation import generate_responses
+from lowrank_spin.losses import sequence_logps, spin_loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=models.SMOLLM2)
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--generation-batch-size", type=int, default=16)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    path = models.resolve_model_path(args.model)
+    tokenizer = models.load_tokenizer(path)
+    base = models.load_base_model(path, load_in_4bit=args.load_in_4bit, dtype="bfloat16")
+    model = models.attach_lora(base)
+    problems = math_task.make_splits(args.num_prompts, 0, 0, seed=0)["train"]
+    prompts = [render_prompt(tokenizer, p.prompt) for p in problems]
+    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", "args": vars(args)}
+
+    # 1. generation
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
+    generated, batched = generate_responses(model, tokenizer, prompts, batch_size=args.generation_batch_size, **gen)
+    _, single = generate_responses(model, tokenizer, prompts, batch_size=1, **gen)
+    results["generation"] = {
+        "batched_tokens_per_s": batched["tokens_per_second"],
+        "one_at_a_time_tokens_per_s": single["tokens_per_second"],
+        "speedup": batched["tokens_per_second"] / single["tokens_per_second"],
+    }
+    print(json.dumps(results["generation"]), flush=True)
+
+    # 2. precomputed vs on-the-fly opponent log-probs
+    examples = [
+        {
+            "prompt_ids": prompt,
+            "real_ids": response_ids(tokenizer, problem.response, True),
+            "generated_ids": response_ids(tokenizer, g.text, g.finished),
+        }
+        for prompt, problem, g in zip(prompts, problems, generated)
+    ]
+    collate = Collator(tokenizer.pad_token_id, ("real", "generated"))
+    batches = [collate(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
+    models.snapshot_opponent(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    start = time.perf_counter()
+    precomputed = [_opponent_logps(model, b) for b in batches]
+    scoring = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch, opponent in zip(batches, precomputed):
+        _train_step(model, optimizer, batch, opponent)
+    epoch_precomputed = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch in batches:
+        _train_step(model, optimizer, batch, _opponent_logps(model, batch))
+    epoch_on_the_fly = time.perf_counter() - start
+    results["opponent_logps"] = {
+        "scoring_once_s": scoring,
+        "epoch_precomputed_s": epoch_precomputed,
+        "epoch_on_the_fly_s": epoch_on_the_fly,
+        "epoch_ratio_on_the_fly_over_precomputed": epoch_on_the_fly / epoch_precomputed,
+    }
+    print(json.dumps(results["opponent_logps"]), flush=True)
+    print(json.dumps(results, indent=1))
+
+
+@torch.no_grad()
+def _opponent_logps(model, batch) -> torch.Tensor:
+    model.eval()
+    with models.opponent(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train()
+    return sequence_logps(logits, batch["labels"])
+
+
+def _train_step(model, optimizer, batch, opponent_logps) -> None:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real, generated = sequence_logps(logits, batch["labels"]).chunk(2)
+    opponent_real, opponent_generated = opponent_logps.chunk(2)
+    losses, _, _ = spin_loss(real, generated, opponent_real, opponent_generated)
+    losses.mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+if __name__ == "__main__":
+    main()

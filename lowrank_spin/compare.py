@@ -1,0 +1,209 @@
+"""`lowrank-spin compare`: SFT vs SPIN vs T-SPIN from the same start, one command.
+
+    lowrank-spin compare --config configs/smollm2_spin.yaml --output runs/compare
+    lowrank-spin compare --config configs/tiny_spin.yaml --data_fractions 0.25 0.5 1.0 --output runs/scarcity
+
+Each arm is an ordinary `lowrank-spin fit` of the same config with only `model.objective` changed
+(and, for the data-scarcity study, `data.max_samples`), so every arm starts from the same model and
+`model.init_adapter` and trains the same epochs per iteration. The arms' `results.json` and metrics
+CSV are then collected into `comparison.md` / `comparison.csv` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+ARMS = ("sft", "spin", "tspin")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="lowrank-spin compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a fit config; every arm uses it")
+    parser.add_argument("--output", default="runs/compare", help="one sub-folder per arm and data fraction")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--data_fractions", nargs="+", type=float, default=[1.0])
+    parser.add_argument("--num_train", type=int, default=None, help="annotated examples at fraction 1.0 (default: the config's)")
+    args, overrides = parser.parse_known_args(argv)  # anything else goes to every arm's `fit`
+    bad = [f for f in args.data_fractions if not 0 < f <= 1]
+    if bad:
+        parser.error(f"--data_fractions: each must be in (0, 1], got {bad}")
+    output = Path(args.output)
+    runs = run_arms(args.config, output, args.arms, args.data_fractions, args.num_train, overrides)
+    rows = collect(runs)
+    write_report(rows, runs, output)
+    print((output / "comparison.md").read_text())
+
+
+def run_arms(config: str, output: Path, arms, fractions, num_train: int | None, overrides: list[str]) -> dict:
+    from lowrank_spin.cli import build_cli
+
+    total = num_train or _config_num_train(config)
+    runs = {}
+    for fraction in fractions:
+        for arm in arms:
+            run_dir = output / f"{arm}_{int(round(fraction * 100))}pct"
+            args = [
+                "fit", "--config", config,
+                "--model.objective", arm,
+                "--data.max_samples", str(max(1, int(round(total * fraction)))),
+                "--trainer.default_root_dir", str(run_dir),
+                "--trainer.logger.init_args.save_dir", str(run_dir),
+                *overrides,
+            ]
+            if (run_dir / "results.json").exists() and _finished(run_dir, config):
+                print(f"[compare] {run_dir} already finished: reusing it")
+            else:
+                print(f"[compare] {arm} at {fraction:.0%} of the data -> {run_dir}")
+                build_cli(args + (["--ckpt_path", "last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []))
+            runs[(arm, fraction)] = run_dir
+    return runs
+
+
+def collect(runs: dict) -> list[dict]:
+    """One row per (arm, fraction, iteration): eval metrics, training rewards and wall times."""
+    rows = []
+    for (arm, fraction), run_dir in runs.items():
+        metrics = _read_metrics(run_dir)
+        for result in json.loads((run_dir / "results.json").read_text()):
+            iteration = result["iteration"]
+            steps = [m for m in metrics if m.get("rewards/accuracy") not in (None, "") and _float(m.get("iteration")) == iteration]
+            train = [m for m in metrics if m.get("time/train_epoch_seconds") not in (None, "")]
+            generation = [m for m in metrics if m.get("generation/iteration") not in (None, "") and _float(m["generation/iteration"]) == iteration]
+            epochs = [m for m in train if _float(m["time/iteration"]) == iteration]
+            rows.append({
+                "arm": arm,
+                "data_fraction": fraction,
+                "iteration": "before" if iteration < 0 else iteration,
+                "accuracy": result.get("accuracy"),
+                "accuracy_ci_low": result.get("accuracy_ci_low"),
+                "accuracy_ci_high": result.get("accuracy_ci_high"),
+                **{k: v for k, v in result.items() if k.startswith("accuracy_") and k.endswith("_steps")},
+                "nll": result["nll"],
+                "generated_tokens": result["generated_tokens"],
+                "reward_accuracy": _mean(steps, "rewards/accuracy"),
+                "reward_margin": _mean(steps, "rewards/margin"),
+                "train_seconds": sum(_float(m["time/train_epoch_seconds"]) for m in epochs) if iteration >= 0 else None,
+                "generation_seconds": sum(_float(m["generation/seconds"]) for m in generation) if iteration >= 0 else None,
+            })
+    return rows
+
+
+def write_report(rows: list[dict], runs: dict, output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(output / "comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        "| arm | data | iteration | accuracy [95% CI] | gold NLL/token | gen. tokens | reward acc. | reward margin | train s | generate s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.3f} [{r['accuracy_ci_low']:.3f}, {r['accuracy_ci_high']:.3f}]"
+        lines.append(
+            f"| {r['arm']} | {r['data_fraction']:.0%} | {r['iteration']} | {accuracy} | {r['nll']:.3f} | {r['generated_tokens']:.1f} "
+            f"| {_fmt(r['reward_accuracy'])} | {_fmt(r['reward_margin'])} | {_fmt(r['train_seconds'], 0)} | {_fmt(r['generation_seconds'], 0)} |"
+        )
+    (output / "comparison.md").write_text("\n".join(lines) + "\n")
+    plot(rows, runs, output)
+
+
+def plot(rows: list[dict], runs: dict, output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = sorted({r["data_fraction"] for r in rows})
+    full = [r for r in rows if r["data_fraction"] == fractions[-1]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "nll", "gold NLL / token")):
+        for arm in dict.fromkeys(r["arm"] for r in full):
+            points = [r for r in full if r["arm"] == arm and r[key] is not None]
+            xs = [-1 if r["iteration"] == "before" else r["iteration"] for r in points]
+            ax.plot(xs, [r[key] for r in points], marker="o", label=arm)
+            if key == "accuracy":
+                ax.fill_between(xs, [r["accuracy_ci_low"] for r in points], [r["accuracy_ci_high"] for r in points], alpha=0.15)
+        ax.set_xlabel("iteration (-1: before)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(output / "metrics_vs_iteration.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for (arm, fraction), run_dir in runs.items():
+        if fraction != fractions[-1]:
+            continue
+        metrics = _read_metrics(run_dir)
+        steps = [m for m in metrics if m.get("train/loss_step") not in (None, "")]
+        ax.plot([_float(m["time/elapsed_seconds"]) for m in steps], [_float(m["train/loss_step"]) for m in steps], label=arm)
+        for m in metrics:  # generation phases of this arm, shaded
+            if m.get("generation/seconds") not in (None, ""):
+                end = _float(m["generation/end_elapsed_seconds"])
+                ax.axvspan(end - _float(m["generation/seconds"]), end, alpha=0.08, color="gray")
+                ax.text(end, ax.get_ylim()[1] if ax.has_data() else 0, f" iter {int(_float(m['generation/iteration']))} generate_data", fontsize=6, rotation=90, va="top")
+    ax.set_xlabel("wall-clock seconds (shaded: generation)")
+    ax.set_ylabel("train/loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output / "loss_vs_time.png", dpi=100)
+    plt.close(fig)
+
+    if len(fractions) > 1:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for arm in dict.fromkeys(r["arm"] for r in rows):
+            finals = []
+            for fraction in fractions:
+                arm_rows = [r for r in rows if r["arm"] == arm and r["data_fraction"] == fraction and r["iteration"] != "before"]
+                finals.append(arm_rows[-1]["accuracy"] if arm_rows else math.nan)
+            ax.plot(fractions, finals, marker="o", label=arm)
+        ax.set_xlabel("fraction of annotated data")
+        ax.set_ylabel("final accuracy")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output / "accuracy_vs_data_fraction.png", dpi=100)
+        plt.close(fig)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def _config_num_train(config: str) -> int:
+    import yaml
+
+    data = (yaml.safe_load(Path(config).read_text()) or {}).get("data", {})
+    return int(data.get("max_samples") or data.get("num_train") or 256)
+
+
+def _finished(run_dir: Path, config: str) -> bool:
+    import yaml
+
+    iterations = int(((yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}).get("num_iterations", 2))
+    return (run_dir / f"iter_{iterations - 1}" / "adapter_model.safetensors").exists()
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def _float(value) -> float:
+    return float(value) if value not in (None, "") else math.nan
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [_float(r[key]) for r in rows]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"

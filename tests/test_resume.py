@@ -1,0 +1,65 @@
+"""Crash safety: a real subprocess SIGKILLed at several points resumes with `--ckpt_path last` and ends
+where an uninterrupted run with the same seed ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_cli import TINY
+
+# The tiny config: 16 prompts in generation batches of 8 (2 per iteration), 4 train steps per epoch.
+KILL_POINTS = [
+    "generation_batch:1",  # iteration 0, mid-generation (no checkpoint yet)
+    "adapter_saved:1",  # iteration 0's adapter written, its checkpoint not
+    "generation_batch:3",  # iteration 1, mid-generation
+    "train_step:6",  # iteration 1, mid-epoch
+]
+
+
+def _fit(run_dir, cache_dir, kill_at: str | None = None, resume: bool = False) -> int:
+    env = {**os.environ, "LOWRANK_SPIN_CACHE": cache_dir, "OMP_NUM_THREADS": "1"}
+    env.pop("LOWRANK_SPIN_KILL_AT", None)
+    if kill_at:
+        env["LOWRANK_SPIN_KILL_AT"] = kill_at
+    args = [sys.executable, "-m", "lowrank_spin.cli", "fit", "--config", TINY,
+            "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir)]
+    if resume:
+        args += ["--ckpt_path", "last"]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300).returncode
+
+
+def _synthetic(run_dir, iteration):
+    return [json.loads(line) for line in (run_dir / f"iter_{iteration}" / "synthetic.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir, tiny_model_dir):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    assert _fit(run_dir, cache_dir) == 0
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_killed_run_resumes_to_the_same_adapters(kill_at, uninterrupted, tmp_path, cache_dir):
+    assert _fit(tmp_path, cache_dir, kill_at=kill_at) == -9, "the fault point was not reached"
+    assert not (tmp_path / "iter_1" / "adapter_model.safetensors").exists()
+    assert _fit(tmp_path, cache_dir, resume=True) == 0
+    for iteration in (0, 1):
+        expected, got = _synthetic(uninterrupted, iteration), _synthetic(tmp_path, iteration)
+        assert len({r["prompt"] for r in got}) == len(got) == 16, "each prompt exactly once"
+        assert [r["generated"] for r in got] == [r["generated"] for r in expected]
+        assert not (tmp_path / f"iter_{iteration}" / "synthetic.partial.jsonl").exists()
+        want = load_file(uninterrupted / f"iter_{iteration}" / "adapter_model.safetensors")
+        have = load_file(tmp_path / f"iter_{iteration}" / "adapter_model.safetensors")
+        assert want.keys() == have.keys()
+        for name in want:
+            torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [r["iteration"] for r in json.loads((tmp_path / "results.json").read_text())] == [-1, 0, 1]

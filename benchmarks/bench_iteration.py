@@ -5,6 +5,8 @@
 1. generation: batched, length-sorted, KV-cached (batch 16) vs one prompt at a time: new tokens/s
 2. opponent log-probs precomputed once per iteration vs recomputed on the fly in every training step:
    seconds per training epoch (and the one-off scoring cost of the precomputed path)
+3. the training step with logits for response positions only (`models.response_logits`, what the
+   package does) vs logits for every position (the plain `model(...).logits`): seconds per epoch
 
 Both sides of each comparison run on the same model, prompts and settings, back to back, and the
 ratio is printed. Timings are wall-clock on whatever machine runs this; record the machine.
@@ -87,6 +89,22 @@ def main() -> None:
         "epoch_ratio_on_the_fly_over_precomputed": epoch_on_the_fly / epoch_precomputed,
     }
     print(json.dumps(results["opponent_logps"]), flush=True)
+
+    # 3. response-only vs full logits in the training step
+    start = time.perf_counter()
+    for batch, opponent in zip(batches, precomputed):
+        _train_step(model, optimizer, batch, opponent, full_logits=True)
+    epoch_full = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch, opponent in zip(batches, precomputed):
+        _train_step(model, optimizer, batch, opponent)
+    epoch_response = time.perf_counter() - start
+    results["logits"] = {
+        "epoch_full_logits_s": epoch_full,
+        "epoch_response_logits_s": epoch_response,
+        "speedup": epoch_full / epoch_response,
+    }
+    print(json.dumps(results["logits"]), flush=True)
     print(json.dumps(results, indent=1))
 
 
@@ -94,14 +112,17 @@ def main() -> None:
 def _opponent_logps(model, batch) -> torch.Tensor:
     model.eval()
     with models.opponent(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = models.response_logits(model, batch)
     model.train()
-    return sequence_logps(logits, batch["labels"])
+    return sequence_logps(logits, labels)
 
 
-def _train_step(model, optimizer, batch, opponent_logps) -> None:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    real, generated = sequence_logps(logits, batch["labels"]).chunk(2)
+def _train_step(model, optimizer, batch, opponent_logps, full_logits: bool = False) -> None:
+    if full_logits:
+        logits, labels = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+    else:
+        logits, labels = models.response_logits(model, batch)
+    real, generated = sequence_logps(logits, labels).chunk(2)
     opponent_real, opponent_generated = opponent_logps.chunk(2)
     losses, _, _ = spin_loss(real, generated, opponent_real, opponent_generated)
     losses.mean().backward()

@@ -84,8 +84,11 @@ def collect(runs: dict) -> list[dict]:
                 **{k: v for k, v in result.items() if k.startswith("accuracy_") and k.endswith("_steps")},
                 "nll": result["nll"],
                 "generated_tokens": result["generated_tokens"],
-                "reward_accuracy": _mean(steps, "rewards/accuracy"),
-                "reward_margin": _mean(steps, "rewards/margin"),
+                # held-out pairs (gold vs the opponent's answers), and the training pairs of the iteration
+                "reward_accuracy": result.get("reward_accuracy"),
+                "reward_margin": result.get("reward_margin"),
+                "train_reward_accuracy": _mean(steps, "rewards/accuracy"),
+                "train_reward_margin": _mean(steps, "rewards/margin"),
                 "train_seconds": sum(_float(m["time/train_epoch_seconds"]) for m in epochs) if iteration >= 0 else None,
                 "generation_seconds": sum(_float(m["generation/seconds"]) for m in generation) if iteration >= 0 else None,
             })
@@ -100,14 +103,15 @@ def write_report(rows: list[dict], runs: dict, output: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "| arm | data | iteration | accuracy [95% CI] | gold NLL/token | gen. tokens | reward acc. | reward margin | train s | generate s |",
+        "| arm | data | iteration | accuracy [95% CI] | gold NLL/token | gen. tokens | held-out reward acc. / margin | train reward acc. / margin | train s | generate s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.3f} [{r['accuracy_ci_low']:.3f}, {r['accuracy_ci_high']:.3f}]"
         lines.append(
             f"| {r['arm']} | {r['data_fraction']:.0%} | {r['iteration']} | {accuracy} | {r['nll']:.3f} | {r['generated_tokens']:.1f} "
-            f"| {_fmt(r['reward_accuracy'])} | {_fmt(r['reward_margin'])} | {_fmt(r['train_seconds'], 0)} | {_fmt(r['generation_seconds'], 0)} |"
+            f"| {_fmt(r['reward_accuracy'])} / {_fmt(r['reward_margin'])} | {_fmt(r['train_reward_accuracy'])} / {_fmt(r['train_reward_margin'])} "
+            f"| {_fmt(r['train_seconds'], 0)} | {_fmt(r['generation_seconds'], 0)} |"
         )
     (output / "comparison.md").write_text("\n".join(lines) + "\n")
     plot(rows, runs, output)

@@ -146,12 +146,20 @@ class SelfPlayDataModule(L.LightningDataModule):
             collate_fn=Collator(module.tokenizer.pad_token_id, RESPONSES[objective]),
         )
 
+    @property
+    def eval_split(self) -> str:
+        """What validation and the per-iteration evaluation score: a user dataset has no `test`."""
+        return self.hparams.eval_split if self.hparams.eval_split in self.examples else "validation"
+
+    @property
+    def eval_examples(self) -> list[dict]:
+        return self.examples.get(self.eval_split) or []
+
     def val_dataloader(self) -> DataLoader | list:
-        split = self.hparams.eval_split if self.hparams.eval_split in self.examples else "validation"
-        if split not in self.examples:
+        if not self.eval_examples:
             return []
         return DataLoader(
-            self.examples[split],
+            self.eval_examples,
             batch_size=self.hparams.batch_size,
             collate_fn=Collator(self.trainer.lightning_module.tokenizer.pad_token_id, ("real",)),
         )

@@ -10,6 +10,7 @@ import torch
 from lowrank_spin import math_task
 from lowrank_spin.generation import generate_responses
 from lowrank_spin.losses import IGNORE_INDEX, sequence_logps
+from lowrank_spin.models import response_logits
 
 
 def evaluate(module, examples: list[dict], check_answers: bool, batch_size: int, max_new_tokens: int):
@@ -27,7 +28,7 @@ def evaluate(module, examples: list[dict], check_answers: bool, batch_size: int,
         "unfinished_fraction": sum(not g.finished for g in generated) / len(generated),
         "accuracy": None,
     }
-    samples = [{"prompt": e["prompt"], "real": e["response"], "generated": g.text} for e, g in zip(examples, generated)]
+    samples = [{"prompt": e["prompt"], "real": e["response"], "generated": g.text, "finished": g.finished} for e, g in zip(examples, generated)]
     if check_answers:
         correct = [math_task.is_correct(g.text, e["answer"]) for e, g in zip(examples, generated)]
         metrics["accuracy"] = sum(correct) / len(correct)
@@ -40,6 +41,45 @@ def evaluate(module, examples: list[dict], check_answers: bool, batch_size: int,
         for sample, ok in zip(samples, correct):
             sample["correct"] = ok
     return metrics, samples
+
+
+@torch.no_grad()
+def heldout_rewards(module, examples: list[dict], samples: list[dict], beta: float, batch_size: int) -> dict[str, float]:
+    """Reward accuracy and margin of the policy against the current opponent on held-out pairs:
+    real = the gold response, generated = `samples` (the opponent's answers to the same prompts)."""
+    from lowrank_spin.data import Collator, response_ids
+
+    tokenizer = module.tokenizer
+    pairs = [
+        {**e, "generated_ids": response_ids(tokenizer, s["generated"], s.get("finished", True))}
+        for e, s in zip(examples, samples)
+        if s["prompt"] == e["prompt"]
+    ]
+    if not pairs:
+        return {}
+    collate = Collator(tokenizer.pad_token_id, ("real", "generated"))
+    model, device = module.model, module.device
+    was_training = model.training
+    real_rewards, generated_rewards = [], []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(pairs[start : start + batch_size]).items()}
+            model.eval()
+            policy = sequence_logps(*response_logits(model, batch), average=module.hparams.length_normalize)
+            opponent = module.opponent_logps(batch)
+            rewards = beta * (policy - opponent)
+            real, generated = rewards.chunk(2)
+            real_rewards += real.tolist()
+            generated_rewards += generated.tolist()
+    finally:
+        model.train(was_training)
+    margins = [r - g for r, g in zip(real_rewards, generated_rewards)]
+    return {
+        "reward_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "reward_margin": sum(margins) / len(margins),
+        "reward_real": sum(real_rewards) / len(real_rewards),
+        "reward_generated": sum(generated_rewards) / len(generated_rewards),
+    }
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -61,9 +101,8 @@ def gold_nll(model, examples: list[dict], collate, batch_size: int) -> tuple[flo
     total, tokens = 0.0, 0
     try:
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size])
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-            labels = batch["labels"].to(device)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples[start : start + batch_size]).items()}
+            logits, labels = response_logits(model, batch)
             total += -sequence_logps(logits, labels).sum().item()
             tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
     finally:

@@ -19,6 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lowrank_spin.losses import IGNORE_INDEX
+
 POLICY = "policy"
 OPPONENT = "opponent"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -121,7 +123,7 @@ def attach_lora(
     """Wrap the base with a trainable `policy` adapter and a frozen `opponent` adapter of the same shape.
 
     With `init_adapter` (e.g. an SFT-LoRA checkpoint) the policy starts from those weights and its LoRA
-    settings; the opponent is filled by `snapshot_opponent` when an iteration starts.
+    settings. The opponent starts as a copy of the policy: iteration 0 plays against the initial model.
     """
     if init_adapter is not None:
         peft_model = PeftModel.from_pretrained(model, init_adapter, adapter_name=POLICY, is_trainable=True)
@@ -136,6 +138,7 @@ def attach_lora(
         )
         peft_model = get_peft_model(model, config, adapter_name=POLICY)
     peft_model.add_adapter(OPPONENT, LoraConfig(**{**config.to_dict(), "inference_mode": True}))
+    snapshot_opponent(peft_model)
     use_policy(peft_model)
     return peft_model
 
@@ -187,6 +190,22 @@ def save_adapter(model: PeftModel, directory: str | Path, adapter_name: str = PO
         for name in (ADAPTER_WEIGHTS, "adapter_config.json"):
             os.replace(Path(tmp) / name, directory / name)
     return directory
+
+
+def response_logits(model: torch.nn.Module, batch: dict, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits from the last prompt token on, and the labels aligned with them.
+
+    Prompt positions predict nothing that is scored, and the lm_head over SmolLM2's 49k vocabulary is
+    about a fifth of the model's FLOPs while its float32 logits dominate activation memory: skipping
+    the common prompt prefix with `logits_to_keep` saves both without changing any log-prob.
+    """
+    input_ids, attention_mask, labels = batch["input_ids"][rows], batch["attention_mask"][rows], batch["labels"][rows]
+    scored = labels != IGNORE_INDEX
+    width = labels.shape[1]
+    first = int(scored.float().argmax(-1)[scored.any(-1)].min()) if scored.any() else width - 1
+    keep = min(width, width - first + 1)  # position first - 1 predicts the first response token
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    return logits, labels[:, width - keep :]
 
 
 def lora_parameters(model: PeftModel, adapter_name: str = POLICY) -> dict[str, torch.Tensor]:

@@ -159,20 +159,18 @@ class SelfPlayLoRA(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"]
+        logits, labels = models.response_logits(self.model, batch)
         nll = -losses.sequence_logps(logits, labels).sum()
         tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
         self.log("val/nll", nll / tokens, batch_size=int(tokens), on_epoch=True, reduce_fx="mean")
 
     def _compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = models.response_logits(self.model, batch)
         if hp.objective == "sft":
-            loss = losses.sft_loss(logits, batch["labels"])
-            return loss, {}
+            return losses.sft_loss(logits, labels), {}
         # Layout along the batch axis: [real; generated] (spin) or [real; generated; proto] (tspin).
-        logps = losses.sequence_logps(logits, batch["labels"], average=hp.length_normalize)
+        logps = losses.sequence_logps(logits, labels, average=hp.length_normalize)
         chunks = logps.chunk(batch["num_responses"])
         real_logps, generated_logps = chunks[0], chunks[1]
         metrics = {"logps/real": real_logps.mean().detach(), "logps/generated": generated_logps.mean().detach()}
@@ -195,7 +193,7 @@ class SelfPlayLoRA(L.LightningModule):
             metrics["logps/proto"] = chunks[2].mean().detach()
         loss = per_example.mean()
         if hp.nll_weight > 0:
-            real_tokens = batch["labels"].chunk(batch["num_responses"])[0][:, 1:].ne(IGNORE_INDEX).sum(-1).clamp(min=1)
+            real_tokens = labels.chunk(batch["num_responses"])[0][:, 1:].ne(IGNORE_INDEX).sum(-1).clamp(min=1)
             nll = (-real_logps * (1 if hp.length_normalize else 1 / real_tokens)).mean()
             loss = loss + hp.nll_weight * nll
             metrics["train/nll_real"] = nll.detach()
@@ -217,8 +215,8 @@ class SelfPlayLoRA(L.LightningModule):
         self.model.eval()
         try:
             with self.as_opponent():
-                logits = self.model(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n]).logits
-            return losses.sequence_logps(logits, batch["labels"][:n], average=self.hparams.length_normalize).float()
+                logits, labels = models.response_logits(self.model, batch, rows=slice(0, n))
+            return losses.sequence_logps(logits, labels, average=self.hparams.length_normalize).float()
         finally:
             self.model.train(was_training)
 

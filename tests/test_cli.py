@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -59,6 +60,8 @@ def test_two_spin_iterations_end_to_end(tmp_path, cache_dir, capsys):
     assert {float(r["iteration"]) for r in metrics if r["iteration"]} == {0.0, 1.0}
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["iteration"] for r in results] == [-1, 0, 1]
+    for row in results[1:]:  # held-out pairs: gold vs the opponent's own greedy answers
+        assert 0 <= row["reward_accuracy"] <= 1 and math.isfinite(row["reward_margin"])
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert "before" in capsys.readouterr().out
 
@@ -74,6 +77,13 @@ def test_precomputed_and_on_the_fly_opponent_logps_agree(tmp_path, cache_dir):
     for a, b in zip(pre, fly):
         for key in ("train/loss_step", "rewards/real", "rewards/generated"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_keep_previous_iterations_trains_on_both(tmp_path, cache_dir):
+    run_tiny(tmp_path, "--data.keep_previous_iterations", "true")
+    steps = [r for r in read_metrics(tmp_path) if r["train/loss_step"]]
+    assert [float(r["iteration"]) for r in steps].count(1.0) == 8, "iteration 1: 16 new + 16 previous pairs, batch 4"
 
 
 @pytest.mark.slow
@@ -97,3 +107,16 @@ def test_bad_config_fields_reported_together(tmp_path, cache_dir):
     assert "model.lora_rank: must be > 0" in message
     assert "model.objective: must be one of" in message
     assert not (tmp_path / "iter_0").exists(), "fails before any work"
+
+
+@pytest.mark.slow
+def test_spin_starts_from_an_sft_adapter(tmp_path, cache_dir):
+    """The low-rank SPIN pipeline: SFT-LoRA on the data, then SPIN from that adapter."""
+    run_tiny(tmp_path / "sft", "--model.objective", "sft", "--model.num_iterations", "1")
+    run_tiny(tmp_path / "spin", "--model.init_adapter", str(tmp_path / "sft" / "iter_0"), "--model.num_iterations", "1")
+    results = {r["iteration"]: r for r in json.loads((tmp_path / "spin" / "results.json").read_text())}
+    sft_results = {r["iteration"]: r for r in json.loads((tmp_path / "sft" / "results.json").read_text())}
+    assert results[-1]["nll"] == pytest.approx(sft_results[0]["nll"], rel=1e-5), "SPIN starts where SFT ended"
+    first_step = next(r for r in read_metrics(tmp_path / "spin") if r["train/loss_step"])
+    # iteration 0's opponent is the SFT adapter itself, so the first step's rewards are zero
+    assert float(first_step["rewards/real"]) == pytest.approx(0.0, abs=1e-4)

@@ -21,7 +21,8 @@ def test_compare_arms_and_data_fractions(tmp_path, cache_dir, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 2 * 2  # arms x fractions x (before, iter 0)
     spin = [r for r in rows if r["arm"] == "spin" and r["iteration"] == "0" and r["data_fraction"] == "1.0"][0]
-    assert float(spin["train_seconds"]) > 0 and float(spin["generation_seconds"]) > 0 and spin["reward_margin"]
+    assert float(spin["train_seconds"]) > 0 and float(spin["generation_seconds"]) > 0
+    assert spin["reward_margin"] and spin["train_reward_margin"]
     sft = [r for r in rows if r["arm"] == "sft" and r["iteration"] == "0"][0]
     assert sft["generation_seconds"] in ("", "0", "0.0")
     for name in ("metrics_vs_iteration.png", "loss_vs_time.png", "accuracy_vs_data_fraction.png"):

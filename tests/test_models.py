@@ -148,6 +148,8 @@ def test_saved_adapter_loads_with_peft(tiny_model_dir, tokenizer, tmp_path):
     # and as the initial adapter of a new run (e.g. SPIN after SFT)
     resumed = models.attach_lora(models.load_base_model(tiny_model_dir), init_adapter=str(tmp_path / "iter_0"))
     torch.testing.assert_close(_logps(resumed, batch), expected)
+    with models.opponent(resumed):  # iteration 0 plays against the initial adapter, not the bare base
+        torch.testing.assert_close(_logps(resumed, batch), expected)
     assert all(p.requires_grad for p in models.lora_parameters(resumed).values())
 
 
@@ -179,3 +181,19 @@ def test_gradient_check_catches_the_repack_trap(quantized_and_reference, tokeniz
     with pytest.raises((AssertionError, UserWarning)), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
         _assert_grads_match(quantized, reference, batch)
+
+
+def test_response_logits_give_the_full_log_probs(tiny_model_dir, tokenizer):
+    """Skipping the shared prompt prefix in the lm_head changes no log-prob (prompts of different lengths)."""
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), lora_rank=4)
+    randomize_lora(model)
+    batch = chat_batch(tokenizer, ["Hi?", "A much longer prompt than the first one?"], ["Hello.", "Yes."])
+    model.eval()
+    with torch.no_grad():
+        full = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        logits, labels = models.response_logits(model, batch)
+        trimmed = sequence_logps(logits, labels)
+    assert logits.shape[1] < batch["input_ids"].shape[1]
+    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-5)
+    first_row_only, _ = models.response_logits(model, batch, rows=slice(0, 1))
+    assert first_row_only.shape[0] == 1

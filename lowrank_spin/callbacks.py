@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lowrank_spin import math_task, models
 from lowrank_spin.evaluation import evaluate, heldout_rewards
 from lowrank_spin.faults import kill_point
+from lowrank_spin.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,11 @@ class IterationBoundaries(L.Callback):
         exactly this iteration's opponent: they are its held-out generated responses, for free.
         """
         previous = Path(trainer.default_root_dir) / ("before" if iteration == 0 else f"iter_{iteration - 1}") / "eval_samples.json"
-        examples = trainer.datamodule.eval_examples
+        limit = trainer.datamodule.hparams.heldout_reward_pairs
+        examples = trainer.datamodule.eval_examples[:limit]
         if not examples or not previous.exists():
             return {}
-        samples = json.loads(previous.read_text())
+        samples = json.loads(previous.read_text())[:limit]
         return heldout_rewards(
             module, examples, samples, beta=module.beta_at(iteration), batch_size=trainer.datamodule.hparams.batch_size
         )
@@ -78,13 +80,13 @@ class IterationBoundaries(L.Callback):
     def _log_samples(self, trainer: L.Trainer, iteration: int, limit: int = 32) -> None:
         """A W&B table of the iteration's training pairs: what the opponent generated against the real data."""
         loggers = _wandb_loggers(trainer)
-        cached = trainer.datamodule._train_cache
-        if not loggers or not cached or cached[0] != iteration:
+        pairs = trainer.datamodule.loaded_pairs(iteration)
+        if not loggers or not pairs:
             return
         checker = trainer.datamodule.has_checker
         rows = [
             [e["prompt"], e["response"], e["generated"], iteration, math_task.is_correct(e["generated"], e["answer"]) if checker else None]
-            for e in cached[1][:limit]
+            for e in pairs[:limit]
         ]
         for logger in loggers:
             logger.log_table(key=f"samples/iter_{iteration}", columns=["prompt", "real", "generated", "iteration", "generated_correct"], data=rows)
@@ -118,10 +120,10 @@ class IterationBoundaries(L.Callback):
             results = _read_results(trainer)
             results[iteration] = metrics
             run_dir = Path(trainer.default_root_dir)
-            _write_json_atomic(run_dir / "results.json", [results[k] for k in sorted(results)])
+            write_text_atomic(run_dir / "results.json", json.dumps([results[k] for k in sorted(results)], indent=1))
             name = "before" if iteration == BEFORE else f"iter_{iteration}"
             (run_dir / name).mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(run_dir / name / "eval_samples.json", samples)
+            write_text_atomic(run_dir / name / "eval_samples.json", json.dumps(samples, indent=1))
         log.info("eval after %s: %s", "start" if iteration == BEFORE else f"iteration {iteration}", metrics)
 
 
@@ -148,9 +150,3 @@ def _read_results(trainer: L.Trainer) -> dict[int, dict]:
     if not path.exists():
         return {}
     return {row["iteration"]: row for row in json.loads(path.read_text())}
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)

@@ -8,6 +8,7 @@ import math
 import torch
 
 from lowrank_spin import math_task
+from lowrank_spin.data import Collator, response_ids
 from lowrank_spin.generation import generate_responses
 from lowrank_spin.losses import IGNORE_INDEX, sequence_logps
 from lowrank_spin.models import response_logits
@@ -15,8 +16,6 @@ from lowrank_spin.models import response_logits
 
 def evaluate(module, examples: list[dict], check_answers: bool, batch_size: int, max_new_tokens: int):
     """Returns (metrics, samples) for the policy on `examples` (dicts with prompt_ids, real_ids, ...)."""
-    from lowrank_spin.data import Collator
-
     model, tokenizer = module.model, module.tokenizer
     generated, _ = generate_responses(
         model, tokenizer, [e["prompt_ids"] for e in examples], batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=0.0, desc="evaluate"
@@ -47,8 +46,6 @@ def evaluate(module, examples: list[dict], check_answers: bool, batch_size: int,
 def heldout_rewards(module, examples: list[dict], samples: list[dict], beta: float, batch_size: int) -> dict[str, float]:
     """Reward accuracy and margin of the policy against the current opponent on held-out pairs:
     real = the gold response, generated = `samples` (the opponent's answers to the same prompts)."""
-    from lowrank_spin.data import Collator, response_ids
-
     tokenizer = module.tokenizer
     pairs = [
         {**e, "generated_ids": response_ids(tokenizer, s["generated"], s.get("finished", True))}

@@ -38,22 +38,28 @@ def generate_responses(
     seed: int = 0,
     progress_path: str | Path | None = None,
     desc: str = "generate",
-) -> tuple[list[Generated], dict[str, float]]:
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[list[Generated | None], dict[str, float]]:
     """Generate one response per prompt; returns them in prompt order, plus timing statistics.
 
-    temperature 0 means greedy decoding.
+    temperature 0 means greedy decoding. `shard=(rank, world_size)` generates only the batches
+    b with b % world_size == rank (None for the other prompts): batches and their seeds are the
+    same for any world size, so the shards gathered equal a single-process generation.
     """
+    rank, world_size = shard
     done = _read_progress(progress_path) if progress_path else {}
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    pending = [(b, batch) for b, batch in enumerate(batches) if not all(i in done for i in batch)]
+    mine = [(b, batch) for b, batch in enumerate(batches) if b % world_size == rank]
+    pending = [(b, batch) for b, batch in mine if not all(i in done for i in batch)]
 
     was_training = model.training
     model.eval()
     new_tokens, start = 0, time.perf_counter()
     log = open(progress_path, "a") if progress_path else None
     try:
-        bar = tqdm(total=len(prompt_ids), initial=len(prompt_ids) - sum(len(b) for _, b in pending), desc=desc, unit="prompt")
+        total = sum(len(batch) for _, batch in mine)
+        bar = tqdm(total=total, initial=total - sum(len(b) for _, b in pending), desc=desc, unit="prompt", disable=rank > 0)
         for batch_index, batch in pending:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + batch_index)
@@ -75,7 +81,7 @@ def generate_responses(
         model.train(was_training)
     seconds = time.perf_counter() - start
     stats = {"seconds": seconds, "new_tokens": new_tokens, "tokens_per_second": new_tokens / max(seconds, 1e-9)}
-    return [done[i] for i in range(len(prompt_ids))], stats
+    return [done.get(i) for i in range(len(prompt_ids))], stats
 
 
 @torch.no_grad()

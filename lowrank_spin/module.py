@@ -13,7 +13,9 @@ import lightning as L
 import torch
 
 from lowrank_spin import losses, models
+from lowrank_spin.callbacks import IterationBoundaries
 from lowrank_spin.losses import IGNORE_INDEX
+from lowrank_spin.validation import validate_module_args
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +72,10 @@ class SelfPlayLoRA(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        from lowrank_spin.validation import validate_module_args
-
         validate_module_args(self.hparams)
         self.model: models.PeftModel | None = None
         self._real_drift: list[float] = []
+        self._fit_start = time.perf_counter()
         # Checkpoints hold only the LoRA adapters (see on_save_checkpoint); the base is reloaded.
         self.strict_loading = False
 
@@ -101,8 +102,6 @@ class SelfPlayLoRA(L.LightningModule):
         self.model = models.attach_lora(base, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.target_modules, hp.init_adapter)
 
     def configure_callbacks(self):
-        from lowrank_spin.callbacks import IterationBoundaries
-
         return [IterationBoundaries()]
 
     def configure_optimizers(self):
@@ -131,7 +130,7 @@ class SelfPlayLoRA(L.LightningModule):
 
     def elapsed_seconds(self) -> float:
         """Wall-clock seconds since this process started fitting (a resumed run restarts the clock)."""
-        return time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
+        return time.perf_counter() - self._fit_start
 
     def on_train_epoch_start(self) -> None:
         for group in self.optimizers().optimizer.param_groups:

@@ -137,7 +137,8 @@ def format_results(results: dict[int, dict], run_dir: str, logger=None) -> str:
         lines.append(f"{name:<10}{accuracy:>10}{row['nll']:>11.3f}{row['generated_tokens']:>12.1f}")
     lines.append(f"run directory: {os.path.abspath(run_dir)} (results.json, iter_*/ adapters and synthetic data)")
     if isinstance(logger, WandbLogger):
-        lines.append(f"W&B run: {logger.experiment.dir} (offline runs: `wandb sync` that folder's parent)")
+        run = Path(logger.experiment.dir).parent
+        lines.append(f"W&B run: {run} (offline: upload later with `wandb sync {run}`)")
     return "\n".join(lines)
 
 

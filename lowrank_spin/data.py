@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from lowrank_spin import math_task
 from lowrank_spin.files import read_jsonl, write_jsonl_atomic
-from lowrank_spin.generation import Generated, generate_responses
+from lowrank_spin.generation import generate_responses
 from lowrank_spin.losses import IGNORE_INDEX
 from lowrank_spin.validation import raise_if_any
 
@@ -109,10 +109,11 @@ class SelfPlayDataModule(L.LightningDataModule):
             splits = math_task.make_splits(hp.num_train, hp.num_val, hp.num_test, seed=hp.task_seed)
             splits["train"] = splits["train"][: hp.max_samples]  # the annotated-data budget (None: all)
             records = {name: [p.to_record() for p in problems] for name, problems in splits.items()}
-            data_dir = self.run_dir / "data"  # the task as jsonl, usable like any user dataset
-            data_dir.mkdir(parents=True, exist_ok=True)
-            for name, problems in splits.items():
-                math_task.write_jsonl(problems, data_dir / f"{name}.jsonl")
+            if self.trainer.is_global_zero:  # the task as jsonl, usable like any user dataset
+                data_dir = self.run_dir / "data"
+                data_dir.mkdir(parents=True, exist_ok=True)
+                for name, problems in splits.items():
+                    math_task.write_jsonl(problems, data_dir / f"{name}.jsonl")
             return records
         records = {"train": read_pairs(hp.dataset, hp.split, hp.prompt_field, hp.response_field, hp.max_samples)}
         if hp.val_dataset or hp.val_split:
@@ -217,11 +218,14 @@ class SelfPlayDataModule(L.LightningDataModule):
         empty = sum(g.num_tokens == 0 for g in generated)
         module.log_generation(iteration, stats, unfinished=unfinished, empty=empty, total=len(generated))
         # T-SPIN's proto-synthetic y0 is generated once, by the initial model: iteration 0's responses.
-        proto = generated if iteration == 0 else [Generated(r["generated"], 0, r["generated_finished"]) for r in read_jsonl(path.parent.parent / "iter_0" / "synthetic.jsonl")]
-        for example, gen, y0 in zip(examples, generated, proto):
-            example.update(generated=gen.text, generated_finished=gen.finished, proto=y0.text, proto_finished=y0.finished)
+        if iteration == 0:
+            proto = [(g.text, g.finished) for g in generated]
+        else:
+            proto = [(r["generated"], r["generated_finished"]) for r in read_jsonl(path.parent.parent / "iter_0" / "synthetic.jsonl")]
+        for example, gen, (proto_text, proto_finished) in zip(examples, generated, proto):
+            example.update(generated=gen.text, generated_finished=gen.finished, proto=proto_text, proto_finished=proto_finished)
             example["generated_ids"] = response_ids(tokenizer, gen.text, gen.finished)
-            example["proto_ids"] = response_ids(tokenizer, y0.text, y0.finished)
+            example["proto_ids"] = response_ids(tokenizer, proto_text, proto_finished)
         if module.hparams.objective == "spin":
             self._score(examples)
         rows = [{k: v for k, v in e.items() if not k.endswith("_ids")} | {"iteration": iteration} for e in examples]

@@ -25,12 +25,13 @@ comes from ``random.Random`` seeded with a string (hashed with SHA-512 by
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
+
+from lowrank_spin.files import write_jsonl_atomic
 
 ANSWER_PREFIX = "The answer is"
 
@@ -101,13 +102,8 @@ def is_correct(text: str, answer: int) -> bool:
 
 
 def write_jsonl(problems: list[MathProblem], path) -> None:
-    """One ``to_record()`` per line, UTF-8; written to ``path + ".tmp"`` and
-    moved into place so a crash never leaves a half-written dataset."""
-    tmp = str(path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for problem in problems:
-            f.write(json.dumps(problem.to_record(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """One ``to_record()`` per line, UTF-8, written atomically (temp file + rename)."""
+    write_jsonl_atomic([problem.to_record() for problem in problems], Path(path))
 
 
 # --------------------------------------------------------------------------

@@ -240,10 +240,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         if not module.hparams.precompute_opponent_logps:
             return
         collate = Collator(module.tokenizer.pad_token_id, ("real", "generated"))
-        size = self.hparams.batch_size
-        for start in range(0, len(examples), size):
-            chunk = examples[start : start + size]
-            batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+        for chunk, batch in batches(examples, collate, self.hparams.batch_size, module.device):
             real, generated = module.opponent_logps(batch).chunk(2)
             for example, r, g in zip(chunk, real.tolist(), generated.tolist()):
                 example["opponent_real_logps"], example["opponent_generated_logps"] = r, g
@@ -262,6 +259,13 @@ class SelfPlayDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         return {}
+
+
+def batches(examples: list[dict], collate: Collator, batch_size: int, device):
+    """(examples, collated batch on `device`) in order, `batch_size` examples at a time."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        yield chunk, {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
 
 
 def _gather_shards(generated: list) -> list:

@@ -8,7 +8,7 @@ import math
 import torch
 
 from lowrank_spin import math_task
-from lowrank_spin.data import Collator, response_ids
+from lowrank_spin.data import Collator, batches, response_ids
 from lowrank_spin.generation import generate_responses
 from lowrank_spin.losses import IGNORE_INDEX, sequence_logps
 from lowrank_spin.models import response_logits
@@ -59,8 +59,7 @@ def heldout_rewards(module, examples: list[dict], samples: list[dict], beta: flo
     was_training = model.training
     real_rewards, generated_rewards = [], []
     try:
-        for start in range(0, len(pairs), batch_size):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(pairs[start : start + batch_size]).items()}
+        for _, batch in batches(pairs, collate, batch_size, device):
             model.eval()
             policy = sequence_logps(*response_logits(model, batch), average=module.hparams.length_normalize)
             opponent = module.opponent_logps(batch)
@@ -97,8 +96,7 @@ def gold_nll(model, examples: list[dict], collate, batch_size: int) -> tuple[flo
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     try:
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples[start : start + batch_size]).items()}
+        for _, batch in batches(examples, collate, batch_size, device):
             logits, labels = response_logits(model, batch)
             total += -sequence_logps(logits, labels).sum().item()
             tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -52,13 +52,15 @@ class IterationBoundaries(L.Callback):
             return
         iteration = module.iteration
         run_dir = Path(trainer.default_root_dir)
+        models.save_adapter(module.model, run_dir / f"iter_{iteration}", write=trainer.is_global_zero)
         if trainer.is_global_zero:
-            models.save_adapter(module.model, run_dir / f"iter_{iteration}")
             kill_point("adapter_saved")
         rewards = self._heldout_rewards(trainer, module, iteration)  # needs the opponent of iteration t
         # θ0 + Δθt: the policy at the end of iteration t becomes the opponent of iteration t+1.
         models.snapshot_opponent(module.model)
-        self._evaluate(trainer, module, iteration, rewards)
+        last = iteration == module.hparams.num_iterations - 1
+        if last or trainer.datamodule.hparams.eval_every_iteration:
+            self._evaluate(trainer, module, iteration, rewards)
         self._log_samples(trainer, iteration)
 
     def _heldout_rewards(self, trainer: L.Trainer, module, iteration: int) -> dict:

@@ -13,6 +13,7 @@ import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lowrank_spin.data import SelfPlayDataModule
 from lowrank_spin.module import SelfPlayLoRA
@@ -57,6 +58,11 @@ class SelfPlayCLI(LightningCLI):
 
     def before_fit(self) -> None:
         validate_output_dir(self.trainer.default_root_dir)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) and isinstance(strategy.config, dict):
+            # Otherwise Lightning asks the train dataloader for its batch size before the model exists,
+            # and ours generates with the model.
+            strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.hparams.batch_size)
 
 
 def main(args: list[str] | None = None) -> None:

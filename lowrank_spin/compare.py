@@ -7,6 +7,12 @@ Each arm is an ordinary `lowrank-spin fit` of the same config with only `model.o
 (and, for the data-scarcity study, `data.max_samples`), so every arm starts from the same model and
 `model.init_adapter` and trains the same epochs per iteration. The arms' `results.json` and metrics
 CSV are then collected into `comparison.md` / `comparison.csv` and PNG plots.
+
+Every arm starts from the same model and scores the same evaluation split, so the "before" evaluation is
+run once and copied into the other arms. Arms below 100% of the data evaluate only before the first and
+after the last iteration (`data.eval_every_iteration false`; pass `--data.eval_every_iteration true` to
+override). W&B runs (when the config logs to W&B) share one group, the output folder's name, unless
+`WANDB_RUN_GROUP` is set; each run is named after its arm and fraction.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ import argparse
 import csv
 import json
 import math
+import os
+import shutil
 from pathlib import Path
+from unittest import mock
 
 ARMS = ("sft", "spin", "tspin")
 
@@ -42,25 +51,46 @@ def run_arms(config: str, output: Path, arms, fractions, num_train: int | None, 
     from lowrank_spin.cli import build_cli
 
     total = num_train or _config_num_train(config)
+    group = os.environ.get("WANDB_RUN_GROUP") or output.resolve().name
     runs = {}
     for fraction in fractions:
         for arm in arms:
-            run_dir = output / f"{arm}_{int(round(fraction * 100))}pct"
+            name = f"{arm}_{int(round(fraction * 100))}pct"
+            run_dir = output / name
             args = [
                 "fit", "--config", config,
                 "--model.objective", arm,
                 "--data.max_samples", str(max(1, int(round(total * fraction)))),
                 "--trainer.default_root_dir", str(run_dir),
                 "--trainer.logger.init_args.save_dir", str(run_dir),
+                *([] if fraction == 1 else ["--data.eval_every_iteration", "false"]),
                 *overrides,
             ]
             if (run_dir / "results.json").exists() and _finished(run_dir, config):
                 print(f"[compare] {run_dir} already finished: reusing it")
             else:
+                if runs:
+                    _share_before_evaluation(next(iter(runs.values())), run_dir)
                 print(f"[compare] {arm} at {fraction:.0%} of the data -> {run_dir}")
-                build_cli(args + (["--ckpt_path", "last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []))
+                with mock.patch.dict(os.environ, {"WANDB_RUN_GROUP": group, "WANDB_NAME": name}):  # W&B reads these
+                    build_cli(args + (["--ckpt_path", "last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []))
             runs[(arm, fraction)] = run_dir
     return runs
+
+
+def _share_before_evaluation(source: Path, run_dir: Path) -> None:
+    """Seed a new arm with the first arm's evaluation of the common initial model (the callback then skips it)."""
+    from lowrank_spin.callbacks import BEFORE
+    from lowrank_spin.files import write_text_atomic
+
+    if (run_dir / "results.json").exists():
+        return
+    before = [row for row in json.loads((source / "results.json").read_text()) if row["iteration"] == BEFORE]
+    if not before:
+        return
+    (run_dir / "before").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "before" / "eval_samples.json", run_dir / "before" / "eval_samples.json")
+    write_text_atomic(run_dir / "results.json", json.dumps(before, indent=1))
 
 
 def collect(runs: dict) -> list[dict]:

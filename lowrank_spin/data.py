@@ -39,6 +39,8 @@ class SelfPlayDataModule(L.LightningDataModule):
         max_samples: keep the first N training rows (also of the embedded task: the data-scarcity knob).
         num_train, num_val, num_test, task_seed: sizes and seed of the embedded task's splits.
         eval_split: `validation` or `test`: what the per-iteration evaluation scores.
+        eval_every_iteration: evaluate after every iteration (the default) or, to save time, only
+            before the first and after the last (the data-scarcity arms of `lowrank-spin compare`).
         heldout_reward_pairs: how many evaluation prompts also score SPIN's reward accuracy/margin on
             held-out (gold, opponent answer) pairs each iteration (two extra forwards per pair; 0 = off).
         system_prompt: optional system message put before every prompt.
@@ -73,6 +75,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         top_p: float = 1.0,
         eval_max_new_tokens: int | None = None,
         heldout_reward_pairs: int = 24,
+        eval_every_iteration: bool = True,
         keep_previous_iterations: bool = False,
         seed: int = 0,
     ):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lowrank_spin import models
 from lowrank_spin.faults import kill_point
 
 
@@ -45,8 +46,13 @@ def generate_responses(
     temperature 0 means greedy decoding. `shard=(rank, world_size)` generates only the batches
     b with b % world_size == rank (None for the other prompts): batches and their seeds are the
     same for any world size, so the shards gathered equal a single-process generation.
+
+    Under DeepSpeed ZeRO-3 every forward gathers each layer's weights from all ranks, so all ranks
+    must run the same forwards: there every rank generates every batch (same seeds, same answers)
+    with `synced_gpus`, and `shard` is ignored.
     """
-    rank, world_size = shard
+    zero3 = models.zero3_partitioned(model)
+    rank, world_size = (0, 1) if zero3 else shard
     done = _read_progress(progress_path) if progress_path else {}
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -59,11 +65,11 @@ def generate_responses(
     log = open(progress_path, "a") if progress_path else None
     try:
         total = sum(len(batch) for _, batch in mine)
-        bar = tqdm(total=total, initial=total - sum(len(b) for _, b in pending), desc=desc, unit="prompt", disable=rank > 0)
+        bar = tqdm(total=total, initial=total - sum(len(b) for _, b in pending), desc=desc, unit="prompt", disable=shard[0] > 0)
         for batch_index, batch in pending:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + batch_index)
-                outputs = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, temperature, top_p)
+                outputs = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, temperature, top_p, zero3)
             for i, generated in zip(batch, outputs):
                 done[i] = generated
                 new_tokens += generated.num_tokens
@@ -85,7 +91,7 @@ def generate_responses(
 
 
 @torch.no_grad()
-def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float):
+def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, synced_gpus: bool):
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
@@ -103,6 +109,7 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         use_cache=True,
+        synced_gpus=synced_gpus,  # ranks keep stepping until all have finished (ZeRO-3 collectives)
         **sampling,
     )
     results = []

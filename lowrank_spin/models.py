@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.utils import load_peft_weights
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -126,8 +128,8 @@ def attach_lora(
     settings. The opponent starts as a copy of the policy: iteration 0 plays against the initial model.
     """
     if init_adapter is not None:
-        peft_model = PeftModel.from_pretrained(model, init_adapter, adapter_name=POLICY, is_trainable=True)
-        config = peft_model.peft_config[POLICY]
+        config = LoraConfig.from_pretrained(init_adapter)
+        config.inference_mode = False
     else:
         config = LoraConfig(
             r=lora_rank,
@@ -136,8 +138,18 @@ def attach_lora(
             target_modules=target_modules,
             task_type="CAUSAL_LM",
         )
-        peft_model = get_peft_model(model, config, adapter_name=POLICY)
+    peft_model = get_peft_model(model, config, adapter_name=POLICY)
     peft_model.add_adapter(OPPONENT, LoraConfig(**{**config.to_dict(), "inference_mode": True}))
+    adapters = [*lora_parameters(peft_model, POLICY).values(), *lora_parameters(peft_model, OPPONENT).values()]
+    with gathered(adapters, modifier_rank=0):
+        if zero3_partitioned(peft_model):
+            # Under ZeRO-3 the layers were built partitioned, so peft's initialisation (B = 0, i.e.
+            # Δθ0 = 0) touched empty shards: redo it on the whole tensors.
+            for module in peft_model.modules():
+                if isinstance(module, LoraLayer) and POLICY in module.lora_A:
+                    module.reset_lora_parameters(POLICY, config.init_lora_weights)
+        if init_adapter is not None:
+            set_peft_model_state_dict(peft_model, load_peft_weights(init_adapter), adapter_name=POLICY)
     snapshot_opponent(peft_model)
     use_policy(peft_model)
     return peft_model
@@ -169,24 +181,46 @@ def opponent(model: PeftModel, adapters_disabled: bool = False):
 
 def snapshot_opponent(model: PeftModel) -> None:
     """θ0 + Δθt: copy the policy's LoRA weights into the opponent adapter (0.1 s at 135M)."""
-    state = get_peft_model_state_dict(model, adapter_name=POLICY)
-    set_peft_model_state_dict(model, state, adapter_name=OPPONENT)
+    adapters = [*lora_parameters(model, POLICY).values(), *lora_parameters(model, OPPONENT).values()]
+    with gathered(adapters, modifier_rank=0):  # every rank then gets rank 0's copy
+        state = get_peft_model_state_dict(model, adapter_name=POLICY)
+        set_peft_model_state_dict(model, state, adapter_name=OPPONENT)
 
 
-def save_adapter(model: PeftModel, directory: str | Path, adapter_name: str = POLICY) -> Path:
+def zero3_partitioned(model: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned the weights (each rank holds a slice of every one)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    """Whole tensors for the block under ZeRO-3 (a no-op otherwise); with `modifier_rank`, that rank's
+    changes are scattered back to every rank on exit."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def save_adapter(model: PeftModel, directory: str | Path, adapter_name: str = POLICY, write: bool = True) -> Path:
     """Save one adapter in standard peft format (loads with `PeftModel.from_pretrained`).
 
     Each file is written to a temporary name and renamed, so a kill never leaves a torn adapter;
-    other files in `directory` (the iteration's synthetic data) are left alone.
+    other files in `directory` (the iteration's synthetic data) are left alone. Under ZeRO-3 gathering
+    the weights is collective: call it on every rank, with `write` true on one.
     """
+    with gathered(list(lora_parameters(model, adapter_name).values())):
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        state = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
     directory = Path(directory)
+    if not write:
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".adapter.", dir=directory) as tmp:
         config = copy.copy(model.peft_config[adapter_name])
         config.inference_mode = True
         config.save_pretrained(tmp)
-        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, Path(tmp) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        save_file(state, Path(tmp) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         for name in (ADAPTER_WEIGHTS, "adapter_config.json"):
             os.replace(Path(tmp) / name, directory / name)
     return directory

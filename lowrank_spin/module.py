@@ -11,6 +11,7 @@ from functools import cached_property
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lowrank_spin import losses, models
 from lowrank_spin.callbacks import IterationBoundaries
@@ -93,6 +94,13 @@ class SelfPlayLoRA(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # transformers then loads the checkpoint straight into ZeRO-3 partitions (and generate()
+            # syncs ranks); it looks this object up through a weak reference, so keep it alive.
+            self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
         base = models.load_base_model(
             self.model_path, hp.load_in_4bit, hp.dtype, hp.compute_dtype, hp.attn_implementation, hp.trust_remote_code
         )

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lowrank_spin.data import SelfPlayDataModule
 from lowrank_spin.module import SelfPlayLoRA
-from lowrank_spin.validation import validate_output_dir
+from lowrank_spin.validation import raise_if_any, validate_output_dir
 
 
 class SaveConfigToLoggers(SaveConfigCallback):
@@ -59,10 +59,24 @@ class SelfPlayCLI(LightningCLI):
     def before_fit(self) -> None:
         validate_output_dir(self.trainer.default_root_dir)
         strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            _validate_deepspeed(strategy, self.model.hparams)
         if isinstance(strategy, DeepSpeedStrategy) and isinstance(strategy.config, dict):
             # Otherwise Lightning asks the train dataloader for its batch size before the model exists,
             # and ours generates with the model.
             strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.hparams.batch_size)
+
+
+def _validate_deepspeed(strategy: DeepSpeedStrategy, hp) -> None:
+    errors = []
+    if strategy.zero_stage_3 and hp.load_in_4bit:
+        errors.append(
+            "model.load_in_4bit: bitsandbytes 4-bit weights are not partitioned by ZeRO-3 here; use "
+            "trainer.strategy deepspeed_stage_2 or ddp (a 4-bit 7B base fits one 24 GB GPU), or a bf16 base"
+        )
+    if hp.optimizer != "adamw":
+        errors.append(f"model.optimizer: {hp.optimizer} is not supported under DeepSpeed (which shards the optimizer itself); use adamw")
+    raise_if_any(errors)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lowrank_spin import losses, models
 from lowrank_spin.callbacks import IterationBoundaries
 from lowrank_spin.losses import IGNORE_INDEX
-from lowrank_spin.validation import validate_module_args
+from lowrank_spin.validation import attention_implementation, validate_module_args
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ class SelfPlayLoRA(L.LightningModule):
             folder, or a Hugging Face hub id.
         load_in_4bit: nf4 base with double quantisation (bitsandbytes); `compute_dtype` is its matmul dtype.
         dtype: weight dtype of a plain (not 4-bit) base.
+        attn_implementation: `sdpa`, `eager` or `flash_attention_2`; the last falls back to sdpa with a
+            warning where flash-attn or a suitable GPU is missing, or fails validation with
+            `require_flash_attention`.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+        optimizer: `adamw` (torch), or bitsandbytes' `paged_adamw_8bit` / `paged_adamw_32bit` (CUDA).
         init_adapter: a peft adapter folder the policy starts from (e.g. an SFT-LoRA run's `iter_0`).
         objective: `sft` (NLL of the real response), `spin`, or `tspin`.
         beta: SPIN's λ, a float or one value per iteration.
@@ -49,6 +54,7 @@ class SelfPlayLoRA(L.LightningModule):
         dtype: str = "float32",
         compute_dtype: str = "bfloat16",
         attn_implementation: str = "sdpa",
+        require_flash_attention: bool = False,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora_rank: int = 16,
@@ -65,6 +71,7 @@ class SelfPlayLoRA(L.LightningModule):
         length_normalize: bool = False,
         learning_rate: float | list[float] = 1e-4,
         weight_decay: float = 0.0,
+        optimizer: str = "adamw",
         num_iterations: int = 2,
         epochs_per_iteration: int = 1,
         precompute_opponent_logps: bool = True,
@@ -74,6 +81,7 @@ class SelfPlayLoRA(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         validate_module_args(self.hparams)
+        self.attn_implementation = attention_implementation(self.hparams)
         self.model: models.PeftModel | None = None
         self._real_drift: list[float] = []
         self._fit_start = time.perf_counter()
@@ -102,7 +110,7 @@ class SelfPlayLoRA(L.LightningModule):
             # syncs ranks); it looks this object up through a weak reference, so keep it alive.
             self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
         base = models.load_base_model(
-            self.model_path, hp.load_in_4bit, hp.dtype, hp.compute_dtype, hp.attn_implementation, hp.trust_remote_code
+            self.model_path, hp.load_in_4bit, hp.dtype, hp.compute_dtype, self.attn_implementation, hp.trust_remote_code
         )
         if hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -114,7 +122,14 @@ class SelfPlayLoRA(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.learning_rate_at(self.iteration), weight_decay=self.hparams.weight_decay)
+        kwargs = dict(lr=self.learning_rate_at(self.iteration), weight_decay=self.hparams.weight_decay)
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(params, **kwargs)
+        import bitsandbytes as bnb
+
+        # optimizer state in paged (unified) memory: spills to CPU instead of failing on a memory spike
+        paged = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+        return paged[self.hparams.optimizer](params, **kwargs)
 
     # ---- iterations -------------------------------------------------------------------------------
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Mapping
 
 from lowrank_spin.losses import LOSS_TYPES, OBJECTIVES
 from lowrank_spin.models import DTYPES
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+OPTIMIZERS = ("adamw", "paged_adamw_8bit", "paged_adamw_32bit")  # paged: bitsandbytes, CUDA only
 
 
 class ConfigError(ValueError):
@@ -51,8 +53,12 @@ def validate_module_args(hp: Mapping) -> None:
         errors.append("model.load_in_4bit: needs bitsandbytes (pip install bitsandbytes) or set it to false")
     if hp["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
         errors.append(f"model.attn_implementation: must be one of {ATTN_IMPLEMENTATIONS}, got {hp['attn_implementation']!r}")
-    elif hp["attn_implementation"] == "flash_attention_2":
+    elif hp["attn_implementation"] == "flash_attention_2" and hp["require_flash_attention"]:
         errors += _flash_attention_errors()
+    if hp["optimizer"] not in OPTIMIZERS:
+        errors.append(f"model.optimizer: must be one of {OPTIMIZERS}, got {hp['optimizer']!r}")
+    elif hp["optimizer"].startswith("paged"):
+        errors += _paged_optimizer_errors(hp["optimizer"])
     errors += _model_path_errors(hp["model_name_or_path"])
     raise_if_any(errors)
 
@@ -103,6 +109,27 @@ def _per_iteration_errors(field: str, value, num_iterations: int) -> list[str]:
     if any(v <= 0 for v in values):
         errors.append(f"model.{field}: must be > 0, got {value}")
     return errors
+
+
+def attention_implementation(hp: Mapping) -> str:
+    """What to load the model with: flash_attention_2 falls back to sdpa, with a warning, where it
+    cannot run (unless `model.require_flash_attention`, which makes that an error in validation)."""
+    if hp["attn_implementation"] == "flash_attention_2":
+        problems = _flash_attention_errors()
+        if problems:
+            warnings.warn(f"{problems[0]}; falling back to sdpa (set model.require_flash_attention to make this an error)", stacklevel=2)
+            return "sdpa"
+    return hp["attn_implementation"]
+
+
+def _paged_optimizer_errors(name: str) -> list[str]:
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [f"model.optimizer: {name} needs bitsandbytes (pip install bitsandbytes)"]
+    if not torch.cuda.is_available():
+        return [f"model.optimizer: {name} pages optimizer state between GPU and CPU memory and needs a CUDA GPU; use adamw"]
+    return []
 
 
 def _flash_attention_errors() -> list[str]:

@@ -35,13 +35,23 @@ TINY = "tiny-random-llama"
         ({"dtype": "int8"}, "model.dtype: must be one of"),
         ({"compute_dtype": "fp8"}, "model.compute_dtype: must be one of"),
         ({"attn_implementation": "flash"}, "model.attn_implementation: must be one of"),
-        ({"attn_implementation": "flash_attention_2"}, "model.attn_implementation: flash_attention_2 needs"),
+        ({"attn_implementation": "flash_attention_2", "require_flash_attention": True}, "model.attn_implementation: flash_attention_2 needs"),
+        ({"optimizer": "sgd"}, "model.optimizer: must be one of"),
+        ({"optimizer": "paged_adamw_8bit"}, "model.optimizer: paged_adamw_8bit pages optimizer state"),
         ({"model_name_or_path": "/no/such/model"}, "model.model_name_or_path: folder '/no/such/model' does not exist"),
     ],
 )
 def test_bad_model_field(kwargs, message):
     with pytest.raises(ConfigError, match=_escaped(message)):
         SelfPlayLoRA(**{"model_name_or_path": TINY, **kwargs})
+
+
+def test_flash_attention_falls_back_to_sdpa_with_a_warning(tiny_model_dir):
+    # no flash-attn and no CUDA here: the model is loaded with sdpa, and the user is told why
+    with pytest.warns(UserWarning, match="flash_attention_2 needs .*falling back to sdpa"):
+        module = SelfPlayLoRA(model_name_or_path=tiny_model_dir, attn_implementation="flash_attention_2")
+    module.configure_model()
+    assert module.model.config._attn_implementation == "sdpa"
 
 
 def test_4bit_without_bitsandbytes(monkeypatch):

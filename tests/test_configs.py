@@ -27,12 +27,14 @@ def test_configs_exist():
 def test_config_parses_and_validates(config, monkeypatch):
     with open(config) as f:
         first_line = f.readline()
-    assert first_line.startswith(f"# lowrank-spin fit --config configs/{os.path.basename(config)}"), "configs open with their command"
+    command = f"--config configs/{os.path.basename(config)}"
+    assert first_line.startswith((f"# lowrank-spin fit {command}", f"# lowrank-spin compare {command}")), "configs open with their command"
     text = open(config).read()
     if "accelerator: gpu" in text:
         # The GPU recipe: model and data are built and validated as on the machine it is for; the
         # trainer itself needs CUDA, so only its strategy name is checked against Lightning's registry.
         monkeypatch.setattr("lowrank_spin.validation._flash_attention_errors", lambda: [])
+        monkeypatch.setattr("lowrank_spin.validation._paged_optimizer_errors", lambda name: [])
         monkeypatch.setattr(SelfPlayCLI, "instantiate_trainer", lambda self, **kwargs: None)
     cli = build_cli(["--config", config], run=False)
     strategy = cli.config["trainer"]["strategy"]

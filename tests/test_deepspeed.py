@@ -95,3 +95,12 @@ def test_deepspeed_strategies_are_selected_from_the_config(cache_dir):
         zero = strategy.config["zero_optimization"]
         assert zero["stage"] == stage
         assert ("offload_optimizer" in zero) == offload
+
+
+def test_4bit_base_under_zero3_is_refused_before_any_work(tmp_path, cache_dir):
+    from lowrank_spin.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="model.load_in_4bit: bitsandbytes 4-bit weights are not partitioned by ZeRO-3"):
+        build_cli(["fit", "--config", TINY, "--model.load_in_4bit", "true", "--trainer.strategy", CPU_DEEPSPEED,
+                   "--trainer.strategy.stage", "3", "--trainer.default_root_dir", str(tmp_path)])
+    assert not (tmp_path / "iter_0").exists()

@@ -122,7 +122,24 @@ def collect(runs: dict) -> list[dict]:
                 "train_seconds": sum(_float(m["time/train_epoch_seconds"]) for m in epochs) if iteration >= 0 else None,
                 "generation_seconds": sum(_float(m["generation/seconds"]) for m in generation) if iteration >= 0 else None,
             })
+    _add_paired_differences(rows, runs)
     return rows
+
+
+def _add_paired_differences(rows: list[dict], runs: dict) -> None:
+    """Each arm's accuracy minus SFT's at the same data fraction and iteration, paired by problem."""
+    from lowrank_spin.evaluation import paired_difference
+
+    def correct(arm, fraction, iteration):
+        path = runs.get((arm, fraction), Path("/nonexistent")) / f"iter_{iteration}" / "eval_samples.json"
+        return [bool(s.get("correct")) for s in json.loads(path.read_text())] if path.exists() else None
+
+    for row in rows:
+        if row["iteration"] == "before" or row["arm"] == "sft" or row["accuracy"] is None:
+            continue
+        mine, sft = correct(row["arm"], row["data_fraction"], row["iteration"]), correct("sft", row["data_fraction"], row["iteration"])
+        if mine and sft and len(mine) == len(sft):
+            row["vs_sft"], row["vs_sft_ci_low"], row["vs_sft_ci_high"] = paired_difference(mine, sft)
 
 
 def write_report(rows: list[dict], runs: dict, output: Path) -> None:
@@ -133,13 +150,14 @@ def write_report(rows: list[dict], runs: dict, output: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "| arm | data | iteration | accuracy [95% CI] | gold NLL/token | gen. tokens | held-out reward acc. / margin | train reward acc. / margin | train s | generate s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | data | iteration | accuracy [95% CI] | minus SFT, paired [95% CI] | gold NLL/token | gen. tokens | held-out reward acc. / margin | train reward acc. / margin | train s | generate s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.3f} [{r['accuracy_ci_low']:.3f}, {r['accuracy_ci_high']:.3f}]"
+        versus = f"{r['vs_sft']:+.3f} [{r['vs_sft_ci_low']:+.3f}, {r['vs_sft_ci_high']:+.3f}]" if r.get("vs_sft") is not None else ""
         lines.append(
-            f"| {r['arm']} | {r['data_fraction']:.0%} | {r['iteration']} | {accuracy} | {r['nll']:.3f} | {r['generated_tokens']:.1f} "
+            f"| {r['arm']} | {r['data_fraction']:.0%} | {r['iteration']} | {accuracy} | {versus} | {r['nll']:.3f} | {r['generated_tokens']:.1f} "
             f"| {_fmt(r['reward_accuracy'])} / {_fmt(r['reward_margin'])} | {_fmt(r['train_reward_accuracy'])} / {_fmt(r['train_reward_margin'])} "
             f"| {_fmt(r['train_seconds'], 0)} | {_fmt(r['generation_seconds'], 0)} |"
         )

@@ -25,6 +25,7 @@ def test_compare_arms_and_data_fractions(tmp_path, cache_dir, capsys):
     spin = [r for r in rows if r["arm"] == "spin" and r["iteration"] == "0" and r["data_fraction"] == "1.0"][0]
     assert float(spin["train_seconds"]) > 0 and float(spin["generation_seconds"]) > 0
     assert spin["reward_margin"] and spin["train_reward_margin"]
+    assert -1 <= float(spin["vs_sft_ci_low"]) <= float(spin["vs_sft"]) <= float(spin["vs_sft_ci_high"]) <= 1, "paired with SFT"
     sft = [r for r in rows if r["arm"] == "sft" and r["iteration"] == "0"][0]
     assert sft["generation_seconds"] in ("", "0", "0.0")
     for name in ("metrics_vs_iteration.png", "loss_vs_time.png", "accuracy_vs_data_fraction.png"):

@@ -57,3 +57,12 @@ def test_accuracy_per_step_and_interval(tokenizer, monkeypatch):
 def test_wilson_interval_known_values(k, n, low, high):
     got = evaluation.wilson_interval(k, n)
     assert got == pytest.approx((low, high), abs=1e-4)
+
+
+def test_paired_difference_by_hand():
+    # per-problem differences [0, 1, 0, 0]: mean 0.25, sample variance 0.25, standard error 0.25
+    assert evaluation.paired_difference([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx((0.25, 0.25 - 0.49, 0.25 + 0.49))
+    # the same answers on every problem: no difference and no noise, however many problems
+    assert evaluation.paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="paired_difference: needs two equal"):
+        evaluation.paired_difference([1, 0], [1])

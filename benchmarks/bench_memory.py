@@ -84,6 +84,7 @@ def main() -> None:
                "memory_limit_gb": limit, "sizes": {}}
     for size in args.sizes:
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_memory."))
+        workdir.mkdir(parents=True, exist_ok=True)
         model_dir = workdir / size
         try:
             print(f"[{size}] building the random bf16 model ...", flush=True)

@@ -55,11 +55,12 @@ class IterationBoundaries(L.Callback):
         models.save_adapter(module.model, run_dir / f"iter_{iteration}", write=trainer.is_global_zero)
         if trainer.is_global_zero:
             kill_point("adapter_saved")
-        rewards = self._heldout_rewards(trainer, module, iteration)  # needs the opponent of iteration t
+        evaluate_now = iteration == module.hparams.num_iterations - 1 or trainer.datamodule.hparams.eval_every_iteration
+        # held-out rewards need the opponent of iteration t, so they come before the snapshot
+        rewards = self._heldout_rewards(trainer, module, iteration) if evaluate_now else {}
         # θ0 + Δθt: the policy at the end of iteration t becomes the opponent of iteration t+1.
         models.snapshot_opponent(module.model)
-        last = iteration == module.hparams.num_iterations - 1
-        if last or trainer.datamodule.hparams.eval_every_iteration:
+        if evaluate_now:
             self._evaluate(trainer, module, iteration, rewards)
         self._log_samples(trainer, iteration)
 

@@ -61,10 +61,10 @@ class SelfPlayCLI(LightningCLI):
         strategy = self.trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
             _validate_deepspeed(strategy, self.model.hparams)
-        if isinstance(strategy, DeepSpeedStrategy) and isinstance(strategy.config, dict):
-            # Otherwise Lightning asks the train dataloader for its batch size before the model exists,
-            # and ours generates with the model.
-            strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.hparams.batch_size)
+            if isinstance(strategy.config, dict):
+                # Otherwise Lightning asks the train dataloader for its batch size before the model
+                # exists, and ours generates with the model.
+                strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.hparams.batch_size)
 
 
 def _validate_deepspeed(strategy: DeepSpeedStrategy, hp) -> None:

@@ -140,8 +140,7 @@ def attach_lora(
         )
     peft_model = get_peft_model(model, config, adapter_name=POLICY)
     peft_model.add_adapter(OPPONENT, LoraConfig(**{**config.to_dict(), "inference_mode": True}))
-    adapters = [*lora_parameters(peft_model, POLICY).values(), *lora_parameters(peft_model, OPPONENT).values()]
-    with gathered(adapters, modifier_rank=0):
+    with gathered(_both_adapters(peft_model), modifier_rank=0):
         if zero3_partitioned(peft_model):
             # Under ZeRO-3 the layers were built partitioned, so peft's initialisation (B = 0, i.e.
             # Δθ0 = 0) touched empty shards: redo it on the whole tensors.
@@ -181,21 +180,28 @@ def opponent(model: PeftModel, adapters_disabled: bool = False):
 
 def snapshot_opponent(model: PeftModel) -> None:
     """θ0 + Δθt: copy the policy's LoRA weights into the opponent adapter (0.1 s at 135M)."""
-    adapters = [*lora_parameters(model, POLICY).values(), *lora_parameters(model, OPPONENT).values()]
-    with gathered(adapters, modifier_rank=0):  # every rank then gets rank 0's copy
+    with gathered(_both_adapters(model), modifier_rank=0):  # every rank then gets rank 0's copy
         state = get_peft_model_state_dict(model, adapter_name=POLICY)
         set_peft_model_state_dict(model, state, adapter_name=OPPONENT)
 
 
 def zero3_partitioned(model: torch.nn.Module) -> bool:
     """Whether DeepSpeed ZeRO-3 has partitioned the weights (each rank holds a slice of every one)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    return _partitioned(model.parameters())
+
+
+def _partitioned(params) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def _both_adapters(model: PeftModel) -> list[torch.nn.Parameter]:
+    return [*lora_parameters(model, POLICY).values(), *lora_parameters(model, OPPONENT).values()]
 
 
 def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
     """Whole tensors for the block under ZeRO-3 (a no-op otherwise); with `modifier_rank`, that rank's
     changes are scattered back to every rank on exit."""
-    if not any(hasattr(p, "ds_id") for p in params):
+    if not _partitioned(params):
         return contextlib.nullcontext()
     import deepspeed
 

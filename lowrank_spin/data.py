@@ -150,7 +150,7 @@ class SelfPlayDataModule(L.LightningDataModule):
             batch_size=self.hparams.batch_size,
             shuffle=True,
             generator=order,
-            collate_fn=Collator(module.tokenizer.pad_token_id, RESPONSES[objective]),
+            collate_fn=module.collator(RESPONSES[objective]),
         )
 
     @property
@@ -242,8 +242,10 @@ class SelfPlayDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         if not module.hparams.precompute_opponent_logps:
             return
-        collate = Collator(module.tokenizer.pad_token_id, ("real", "generated"))
-        for chunk, batch in batches(examples, collate, self.hparams.batch_size, module.device):
+        # scoring order is free: similar lengths together waste the least padding
+        by_length = sorted(examples, key=lambda e: len(e["prompt_ids"]) + len(e["real_ids"]) + len(e["generated_ids"]))
+        collate = module.collator(("real", "generated"))
+        for chunk, batch in batches(by_length, collate, self.hparams.batch_size, module.device):
             real, generated = module.opponent_logps(batch).chunk(2)
             for example, r, g in zip(chunk, real.tolist(), generated.tolist()):
                 example["opponent_real_logps"], example["opponent_generated_logps"] = r, g
@@ -299,12 +301,67 @@ class Collator:
             "input_ids": torch.tensor([s + [self.pad_token_id] * (width - len(s)) for s in sequences]),
             "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences]),
             "labels": torch.tensor([l + [IGNORE_INDEX] * (width - len(l)) for l in labels]),
-            "num_responses": len(self.responses),
         }
-        for key in ("opponent_real_logps", "opponent_generated_logps"):
-            if all(key in e for e in examples):
-                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
-        return batch
+        return batch | _batch_info(examples, self.responses)
+
+
+class SharedPromptCollator:
+    """One right-padded row per example, the prompt once: [prompt; response_1; response_2; ...].
+
+    The math task's prompts are about half of the tokens of a [real; generated] batch, so running
+    them once per example instead of once per response saves about a quarter of the forward's tokens
+    (more for T-SPIN's three responses). `segments` (0 prompt, k response k, -1 padding) give
+    `models.shared_prompt_mask`, which lets each response attend to the prompt and to itself only;
+    `position_ids` restart after the prompt for every response. `targets[k]` holds, at each position,
+    the token it predicts for response k: the last prompt position predicts the first token of all.
+    """
+
+    def __init__(self, pad_token_id: int, responses: tuple[str, ...]):
+        self.pad_token_id = pad_token_id
+        self.responses = responses
+
+    def __call__(self, examples: list[dict]) -> dict:
+        rows, positions, segments, targets = [], [], [], []
+        for e in examples:
+            prompt = e["prompt_ids"]
+            ids, position, segment = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+            row_targets = []
+            for k, name in enumerate(self.responses, start=1):
+                response = e[f"{name}_ids"]
+                # position len(prompt) - 1 predicts response[0]; response[j] predicts response[j + 1]
+                predictors = [len(prompt) - 1] + [len(ids) + j for j in range(len(response) - 1)]
+                row_targets.append(dict(zip(predictors, response)))
+                ids += response
+                position += range(len(prompt), len(prompt) + len(response))
+                segment += [k] * len(response)
+            rows.append(ids)
+            positions.append(position)
+            segments.append(segment)
+            targets.append(row_targets)
+        width = max(len(r) for r in rows)
+        batch = {
+            "input_ids": torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows]),
+            "position_ids": torch.tensor([p + [0] * (width - len(p)) for p in positions]),
+            "segments": torch.tensor([s + [-1] * (width - len(s)) for s in segments]),
+            "targets": torch.tensor(
+                [[[row[k].get(i, IGNORE_INDEX) for i in range(width)] for row in targets] for k in range(len(self.responses))]
+            ),
+        }
+        return batch | _batch_info(examples, self.responses)
+
+
+def _batch_info(examples: list[dict], responses: tuple[str, ...]) -> dict:
+    """What both layouts carry besides the tokens: sizes, response lengths, precomputed opponent log-probs."""
+    info = {
+        "num_responses": len(responses),
+        "num_examples": len(examples),
+        # scored tokens per response, laid out [response_1; response_2; ...] like the log-probs
+        "response_lengths": torch.tensor([len(e[f"{name}_ids"]) for name in responses for e in examples]),
+    }
+    for key in ("opponent_real_logps", "opponent_generated_logps"):
+        if all(key in e for e in examples):
+            info[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+    return info
 
 
 def render_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:

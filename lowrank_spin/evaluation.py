@@ -11,7 +11,7 @@ from lowrank_spin import math_task
 from lowrank_spin.data import Collator, batches, response_ids
 from lowrank_spin.generation import generate_responses
 from lowrank_spin.losses import IGNORE_INDEX, sequence_logps
-from lowrank_spin.models import response_logits
+from lowrank_spin.models import response_logits, response_logps
 
 
 def evaluate(module, examples: list[dict], check_answers: bool, batch_size: int, max_new_tokens: int):
@@ -54,14 +54,14 @@ def heldout_rewards(module, examples: list[dict], samples: list[dict], beta: flo
     ]
     if not pairs:
         return {}
-    collate = Collator(tokenizer.pad_token_id, ("real", "generated"))
+    collate = module.collator(("real", "generated"))
     model, device = module.model, module.device
     was_training = model.training
     real_rewards, generated_rewards = [], []
     try:
         for _, batch in batches(pairs, collate, batch_size, device):
             model.eval()
-            policy = sequence_logps(*response_logits(model, batch), average=module.hparams.length_normalize)
+            policy = response_logps(model, batch, average=module.hparams.length_normalize)
             opponent = module.opponent_logps(batch)
             rewards = beta * (policy - opponent)
             real, generated = rewards.chunk(2)

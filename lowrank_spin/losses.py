@@ -38,6 +38,27 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     return summed
 
 
+def shared_prompt_logps(logits: torch.Tensor, targets: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Sequence log-probs of K responses that share one row (and one prompt) per example.
+
+    logits: [batch, seq, vocab]; targets: [K, batch, seq], the token that position s predicts for
+    response k (IGNORE_INDEX where it predicts nothing of response k). The last prompt position
+    predicts the first token of every response, so one position can serve several k. Returns [K*batch]
+    in float32, laid out [response_1; response_2; ...] like `sequence_logps` over the unshared layout.
+    """
+    num_responses, batch = targets.shape[:2]
+    k, row, position = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    # log p = logit of the token − logsumexp over the vocabulary, computed once per position
+    normaliser = torch.logsumexp(logits.float(), dim=-1)
+    token_logps = logits[row, position, targets[k, row, position]].float() - normaliser[row, position]
+    slot = k * batch + row
+    summed = torch.zeros(num_responses * batch, device=logits.device).index_add(0, slot, token_logps)
+    if average:
+        counts = torch.zeros_like(summed).index_add(0, slot, torch.ones_like(token_logps))
+        return summed / counts.clamp(min=1)
+    return summed
+
+
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token NLL of the real response over the whole batch (the SFT baseline)."""
     return F.cross_entropy(

@@ -21,7 +21,7 @@ from peft.utils import load_peft_weights
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lowrank_spin.losses import IGNORE_INDEX
+from lowrank_spin.losses import IGNORE_INDEX, sequence_logps, shared_prompt_logps
 
 POLICY = "policy"
 OPPONENT = "opponent"
@@ -94,8 +94,23 @@ def load_base_model(
         kwargs["dtype"] = DTYPES[compute_dtype]
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     disable_cpu_weight_repacking(model)
+    contiguous_lm_head_input(model)
     model.requires_grad_(False)
     return model
+
+
+def contiguous_lm_head_input(model: PreTrainedModel) -> None:
+    """Make the LM head's input contiguous before its matmul.
+
+    `logits_to_keep` (generate's prefill, our response-only logits) slices the hidden states to
+    [batch, keep, hidden] with the strides of the full sequence. torch.matmul cannot fold that into one
+    mm, so it broadcasts the [vocab, hidden] weight into a bmm and copies it once per row: 57 MB per
+    row for SmolLM2, 0.7 s per prefill of 16 prompts on a 2-core CPU. Copying the sliced activations
+    instead costs a few hundred KB. The logits are unchanged (benchmarks/RESULTS.md has the timings).
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
 
 def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
@@ -246,6 +261,48 @@ def response_logits(model: torch.nn.Module, batch: dict, rows: slice = slice(Non
     keep = min(width, width - first + 1)  # position first - 1 predicts the first response token
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     return logits, labels[:, width - keep :]
+
+
+def response_logps(model: torch.nn.Module, batch: dict, average: bool = False, num_responses: int | None = None) -> torch.Tensor:
+    """Log-probs of the responses of `batch`, laid out [response_1; response_2; ...] along dim 0.
+
+    Takes either layout of `data.py`: one row per (example, response) with `labels` (`Collator`), or
+    one row per example with the prompt once and every response after it (`SharedPromptCollator`).
+    `num_responses` scores only the first n responses of each example (e.g. real and generated of a
+    T-SPIN batch, which also holds proto).
+    """
+    if "targets" not in batch:
+        rows = slice(0, None if num_responses is None else num_responses * batch["num_examples"])
+        return sequence_logps(*response_logits(model, batch, rows=rows), average=average)
+    targets = batch["targets"][:num_responses]
+    width = targets.shape[-1]
+    scored = (targets != IGNORE_INDEX).any(0)
+    first = int(scored.float().argmax(-1)[scored.any(-1)].min()) if scored.any() else width - 1
+    keep = width - first  # positions from the earliest last-prompt-token on predict response tokens
+    mask = shared_prompt_mask(batch["segments"], model)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, logits_to_keep=keep).logits
+    return shared_prompt_logps(logits, targets[..., first:], average=average)
+
+
+def shared_prompt_mask(segments: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """The [batch, 1, seq, seq] attention mask of the shared-prompt layout.
+
+    segments: [batch, seq], 0 for prompt tokens, k for response k, -1 for padding. A token attends
+    causally to the prompt and to its own response, never to another response: with position ids
+    that restart after the prompt for every response, each response sees exactly the context it has
+    in a row of its own. Padding attends to itself, so no row of the mask is empty. sdpa takes the
+    boolean mask; eager attention adds it, so it gets 0 / the dtype's minimum instead.
+    """
+    width = segments.shape[-1]
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    diagonal = torch.eye(width, dtype=torch.bool, device=segments.device)
+    allowed = (causal & (key >= 0) & ((key == 0) | (key == query))) | diagonal
+    allowed = allowed[:, None]
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return allowed
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def lora_parameters(model: PeftModel, adapter_name: str = POLICY) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lowrank_spin import losses, models
 from lowrank_spin.callbacks import IterationBoundaries
+from lowrank_spin.data import Collator, SharedPromptCollator
 from lowrank_spin.losses import IGNORE_INDEX
 from lowrank_spin.validation import attention_implementation, validate_module_args
 
@@ -43,6 +44,10 @@ class SelfPlayLoRA(L.LightningModule):
         length_normalize: average instead of sum the response log-probs.
         precompute_opponent_logps: score real/generated with the opponent once per iteration, right after
             generation (default); otherwise score on the fly through the toggled adapter every step.
+        share_prompt: run each prompt once per example in spin/tspin forwards, its responses after it
+            under a block attention mask (`data.SharedPromptCollator`): the same log-probs from fewer
+            tokens. sdpa and eager attention only; flash_attention_2 takes no custom mask and uses one
+            row per response.
         real_drift_warning: warn when, over an epoch, the policy's log-prob of the real responses fell
             this many nats (mean) below the opponent's: the collapse users report (uclaml/SPIN#13).
     """
@@ -75,6 +80,7 @@ class SelfPlayLoRA(L.LightningModule):
         num_iterations: int = 2,
         epochs_per_iteration: int = 1,
         precompute_opponent_logps: bool = True,
+        share_prompt: bool = True,
         real_drift_warning: float = 5.0,
         cache_dir: str | None = None,
     ):
@@ -116,6 +122,15 @@ class SelfPlayLoRA(L.LightningModule):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         self.model = models.attach_lora(base, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.target_modules, hp.init_adapter)
+
+    @property
+    def shares_prompt(self) -> bool:
+        return self.hparams.share_prompt and self.attn_implementation in ("sdpa", "eager")
+
+    def collator(self, responses: tuple[str, ...]) -> Collator | SharedPromptCollator:
+        """The batch layout for `responses`: the prompt shared where there are several (see share_prompt)."""
+        shared = self.shares_prompt and len(responses) > 1
+        return (SharedPromptCollator if shared else Collator)(self.tokenizer.pad_token_id, responses)
 
     def configure_callbacks(self):
         return [IterationBoundaries()]
@@ -173,7 +188,7 @@ class SelfPlayLoRA(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self._compute_loss(batch)
-        batch_size = batch["input_ids"].shape[0] // batch["num_responses"]
+        batch_size = batch["num_examples"]
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.log("iteration", float(self.iteration), on_step=True, on_epoch=False, batch_size=batch_size)
@@ -188,11 +203,10 @@ class SelfPlayLoRA(L.LightningModule):
 
     def _compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
-        logits, labels = models.response_logits(self.model, batch)
         if hp.objective == "sft":
-            return losses.sft_loss(logits, labels), {}
-        # Layout along the batch axis: [real; generated] (spin) or [real; generated; proto] (tspin).
-        logps = losses.sequence_logps(logits, labels, average=hp.length_normalize)
+            return losses.sft_loss(*models.response_logits(self.model, batch)), {}
+        # Layout of the log-probs: [real; generated] (spin) or [real; generated; proto] (tspin).
+        logps = models.response_logps(self.model, batch, average=hp.length_normalize)
         chunks = logps.chunk(batch["num_responses"])
         real_logps, generated_logps = chunks[0], chunks[1]
         metrics = {"logps/real": real_logps.mean().detach(), "logps/generated": generated_logps.mean().detach()}
@@ -215,7 +229,7 @@ class SelfPlayLoRA(L.LightningModule):
             metrics["logps/proto"] = chunks[2].mean().detach()
         loss = per_example.mean()
         if hp.nll_weight > 0:
-            real_tokens = labels.chunk(batch["num_responses"])[0][:, 1:].ne(IGNORE_INDEX).sum(-1).clamp(min=1)
+            real_tokens = batch["response_lengths"][: batch["num_examples"]].clamp(min=1)
             nll = (-real_logps * (1 if hp.length_normalize else 1 / real_tokens)).mean()
             loss = loss + hp.nll_weight * nll
             metrics["train/nll_real"] = nll.detach()
@@ -232,13 +246,11 @@ class SelfPlayLoRA(L.LightningModule):
     @torch.no_grad()
     def opponent_logps(self, batch: dict) -> torch.Tensor:
         """Log-probs of the [real; generated] part of `batch` under the opponent θ0 + Δθt (eval mode)."""
-        n = 2 * batch["input_ids"].shape[0] // batch["num_responses"]
         was_training = self.model.training
         self.model.eval()
         try:
             with self.as_opponent():
-                logits, labels = models.response_logits(self.model, batch, rows=slice(0, n))
-            return losses.sequence_logps(logits, labels, average=self.hparams.length_normalize).float()
+                return models.response_logps(self.model, batch, average=self.hparams.length_normalize, num_responses=2)
         finally:
             self.model.train(was_training)
 

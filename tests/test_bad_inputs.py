@@ -54,6 +54,20 @@ def test_flash_attention_falls_back_to_sdpa_with_a_warning(tiny_model_dir):
     assert module.model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "responses", "layout"),
+    [
+        ({}, ("real", "generated"), "SharedPromptCollator"),
+        ({"share_prompt": False}, ("real", "generated"), "Collator"),
+        ({"objective": "sft"}, ("real",), "Collator"),
+        ({"attn_implementation": "eager"}, ("real", "generated", "proto"), "SharedPromptCollator"),
+    ],
+)
+def test_batch_layout_follows_objective_and_attention(tiny_model_dir, kwargs, responses, layout):
+    module = SelfPlayLoRA(model_name_or_path=tiny_model_dir, **kwargs)
+    assert type(module.collator(responses)).__name__ == layout
+
+
 def test_4bit_without_bitsandbytes(monkeypatch):
     import importlib.util
 

@@ -120,3 +120,22 @@ def test_spin_starts_from_an_sft_adapter(tmp_path, cache_dir):
     first_step = next(r for r in read_metrics(tmp_path / "spin") if r["train/loss_step"])
     # iteration 0's opponent is the SFT adapter itself, so the first step's rewards are zero
     assert float(first_step["rewards/real"]) == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_shared_prompt_and_one_row_per_response_train_alike(tmp_path, cache_dir):
+    """The shared-prompt layout (default) and one row per response give the same run: same opponent
+    scores, same per-step losses and rewards over both iterations (float32 tiny model)."""
+    run_tiny(tmp_path / "shared")
+    run_tiny(tmp_path / "rows", "--model.share_prompt", "false")
+    shared = [r for r in read_metrics(tmp_path / "shared") if r["train/loss_step"]]
+    rows = [r for r in read_metrics(tmp_path / "rows") if r["train/loss_step"]]
+    assert len(shared) == len(rows) == 8
+    for a, b in zip(shared, rows):
+        for key in ("train/loss_step", "rewards/real", "rewards/generated"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-5), key
+    for iteration in (0, 1):
+        read = lambda run: [json.loads(line) for line in (tmp_path / run / f"iter_{iteration}" / "synthetic.jsonl").read_text().splitlines()]
+        for a, b in zip(read("shared"), read("rows")):
+            assert a["generated"] == b["generated"]
+            assert a["opponent_generated_logps"] == pytest.approx(b["opponent_generated_logps"], rel=1e-4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowrank_spin import models
-from lowrank_spin.data import Collator, read_pairs, render_prompt, response_ids
+from lowrank_spin.data import Collator, SharedPromptCollator, read_pairs, render_prompt, response_ids
 from lowrank_spin.generation import generate_responses
 from lowrank_spin.losses import IGNORE_INDEX
 from lowrank_spin.validation import ConfigError
@@ -36,6 +36,27 @@ def test_collator_layout_and_masks(tokenizer):
         [I, I, 12, 13, 14, 15],
     ]
     assert batch["attention_mask"].sum(-1).tolist() == [6, 4, 5, 6]
+
+
+def test_shared_prompt_collator_layout():
+    examples = [
+        {"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
+        {"prompt_ids": [5, 6], "real_ids": [11, 2], "generated_ids": [12, 13, 14, 15]},
+    ]
+    batch = SharedPromptCollator(0, ("real", "generated"))(examples)
+    # one row per example: [prompt; real; generated], right-padded to the longest (8)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2, 10, 2], [5, 6, 11, 2, 12, 13, 14, 15]]
+    # each response's positions continue from its prompt, as in a row of its own
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4], [0, 1, 2, 3, 2, 3, 4, 5]]
+    assert batch["segments"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2, 2, 2]]
+    I = IGNORE_INDEX
+    # the last prompt token predicts the first token of both responses; a response's last token nothing
+    assert batch["targets"].tolist() == [
+        [[I, I, 8, 9, 2, I, I, I], [I, 11, 2, I, I, I, I, I]],
+        [[I, I, 10, I, I, I, 2, I], [I, 12, I, I, 13, 14, 15, I]],
+    ]
+    assert batch["response_lengths"].tolist() == [3, 2, 2, 4]
+    assert batch["num_examples"] == 2 and batch["num_responses"] == 2
 
 
 def test_prompt_rendering_uses_chat_template(tokenizer):

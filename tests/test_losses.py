@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lowrank_spin.losses import IGNORE_INDEX, LOSS_TYPES, sequence_logps, sft_loss, spin_loss, tspin_loss
+from lowrank_spin.losses import IGNORE_INDEX, LOSS_TYPES, sequence_logps, sft_loss, shared_prompt_logps, spin_loss, tspin_loss
 
 
 def t(*values):
@@ -106,3 +106,23 @@ def test_sft_loss_is_mean_token_nll():
     labels = torch.tensor([[IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 4, 5, 6, 0]])
     tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
     assert sft_loss(logits, labels).item() == pytest.approx((-sequence_logps(logits, labels).sum() / tokens).item(), rel=1e-5)
+
+
+def test_shared_prompt_logps_by_hand():
+    """One row [p0, p1, a0, b0, b1] with responses a = [a0] and b = [b0, b1] after prompt [p0, p1]:
+    position 1 (the last prompt token) predicts a0 and b0, position 3 (b0) predicts b1. Vocabulary of
+    2 with logits (0, ln 3) at every position: log p(token 0) = ln 1/4, log p(token 1) = ln 3/4."""
+    I = IGNORE_INDEX
+    logits = torch.tensor([[0.0, math.log(3)]]).expand(5, 2).unsqueeze(0)
+    targets = torch.tensor([[[I, 1, I, I, I]], [[I, 0, I, 1, I]]])  # [K=2, batch=1, seq=5]
+    summed = shared_prompt_logps(logits, targets)
+    assert summed.tolist() == pytest.approx([math.log(3 / 4), math.log(1 / 4) + math.log(3 / 4)])
+    averaged = shared_prompt_logps(logits, targets, average=True)
+    assert averaged.tolist() == pytest.approx([math.log(3 / 4), (math.log(1 / 4) + math.log(3 / 4)) / 2])
+
+
+def test_shared_prompt_logps_of_empty_response_is_zero():
+    targets = torch.full((2, 3, 4), IGNORE_INDEX)
+    targets[0, :, 1] = 0
+    logps = shared_prompt_logps(torch.randn(3, 4, 5), targets, average=True)
+    assert logps.shape == (6,) and torch.equal(logps[3:], torch.zeros(3))

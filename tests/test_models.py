@@ -197,3 +197,44 @@ def test_response_logits_give_the_full_log_probs(tiny_model_dir, tokenizer):
     torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-5)
     first_row_only, _ = models.response_logits(model, batch, rows=slice(0, 1))
     assert first_row_only.shape[0] == 1
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_shared_prompt_layout_gives_the_same_logps_and_gradients(tiny_model_dir, tokenizer, attn_implementation):
+    """Prompt once with a block mask vs one row per response: equal log-probs and LoRA gradients,
+    with prompts and responses of different lengths, padding, and an empty proto response."""
+    from lowrank_spin.data import Collator, SharedPromptCollator, render_prompt, response_ids
+
+    base = models.load_base_model(tiny_model_dir, attn_implementation=attn_implementation)
+    model = models.attach_lora(base, lora_rank=4)
+    randomize_lora(model)
+    texts = [("Hi?", "Hello.", "Hey there, friend.", ""), ("A much longer prompt than the first?", "Yes.", "No!", "Maybe so.")]
+    examples = [
+        {"prompt_ids": render_prompt(tokenizer, p), "real_ids": response_ids(tokenizer, r, True),
+         "generated_ids": response_ids(tokenizer, g, False), "proto_ids": tokenizer(y, add_special_tokens=False)["input_ids"]}
+        for p, r, g, y in texts
+    ]
+    responses = ("real", "generated", "proto")
+    results = {}
+    for name, collate in (("rows", Collator), ("shared", SharedPromptCollator)):
+        model.zero_grad()
+        logps = models.response_logps(model, collate(tokenizer.pad_token_id, responses)(examples), average=True)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()  # a different weight per response
+        results[name] = logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (rows, rows_grads), (shared, shared_grads) = results["rows"], results["shared"]
+    assert rows.shape == (6,) and rows[4] == 0  # [real_0, real_1, generated_0, generated_1, proto_0, proto_1]; proto_0 is empty
+    torch.testing.assert_close(shared, rows, rtol=1e-5, atol=1e-5)
+    assert rows_grads.keys() == shared_grads.keys() and rows_grads
+    for name in rows_grads:
+        torch.testing.assert_close(shared_grads[name], rows_grads[name], rtol=1e-3, atol=1e-5)
+    first_two = models.response_logps(model, SharedPromptCollator(tokenizer.pad_token_id, responses)(examples), num_responses=2)
+    assert first_two.shape == (4,)
+
+
+def test_lm_head_input_is_made_contiguous(tiny_model_dir):
+    """logits_to_keep's strided slice reaches the head as a contiguous tensor (no weight broadcast)."""
+    model = models.load_base_model(tiny_model_dir)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    model(input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), logits_to_keep=2)
+    assert seen == [True]

@@ -6,12 +6,14 @@
    timed loops; 2 n^3 FLOPs per matmul.
 2. our training step, as `SelfPlayLoRA.training_step` runs it with precomputed opponent log-probs:
    SmolLM2-135M-Instruct with a bf16 base and LoRA r=16 on every linear layer, `--pairs` (real, generated)
-   pairs of math prompts laid out [real; generated] in one batch, `models.response_logits` ->
-   `losses.sequence_logps` -> `losses.spin_loss`, backward, AdamW. The "generated" response of pair i is
-   the gold response of problem i+1 (no generation needed; lengths are alike). The step's FLOPs are
-   counted once with `torch.utils.flop_counter.FlopCounterMode` on the eager attention path (the CPU
-   SDPA kernel is not in its registry; eager attention does the same matmuls), then the step is timed
-   with SDPA: median of `--steps` after `--warmup`. The counter counts matmuls/attention only.
+   pairs of math prompts, `models.response_logps` -> `losses.spin_loss`, backward, AdamW. Both batch
+   layouts, side by side on the same pairs: `rows` (one row per response, `data.Collator`) and
+   `shared` (the prompt once per pair, `data.SharedPromptCollator`, the default). The "generated"
+   response of pair i is the gold response of problem i+1 (no generation needed; lengths are alike).
+   Each step's FLOPs are counted once with `torch.utils.flop_counter.FlopCounterMode` on the eager
+   attention path (the CPU SDPA kernel is not in its registry; eager attention does the same matmuls),
+   then the step is timed with SDPA: median of `--steps` after `--warmup`. The counter counts
+   matmuls/attention only.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowrank_spin import math_task, models
-from lowrank_spin.data import Collator, render_prompt, response_ids
-from lowrank_spin.losses import sequence_logps, spin_loss
+from lowrank_spin.data import Collator, SharedPromptCollator, render_prompt, response_ids
+from lowrank_spin.losses import spin_loss
+
+LAYOUTS = {"rows": Collator, "shared": SharedPromptCollator}
 
 
 def main() -> None:
@@ -54,12 +58,23 @@ def main() -> None:
     path = models.resolve_model_path(args.model)
     tokenizer = models.load_tokenizer(path)
     model = models.attach_lora(models.load_base_model(path, dtype="bfloat16"))
-    batch = spin_batch(tokenizer, args.pairs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
+    examples = spin_examples(tokenizer, args.pairs)
+    results["training_step"] = {}
+    for layout, collate in LAYOUTS.items():
+        batch = collate(tokenizer.pad_token_id, ("real", "generated"))(examples)
+        results["training_step"][layout] = measure_step(model, optimizer, batch, args, results["peak"])
+        print(json.dumps({layout: results["training_step"][layout]}), flush=True)
+    rows, shared = results["training_step"]["rows"], results["training_step"]["shared"]
+    results["rows_over_shared"] = {"step_s": rows["median_step_s"] / shared["median_step_s"], "flops": rows["flops"] / shared["flops"]}
+    write_report(results, Path(args.output))
+
+
+def measure_step(model, optimizer, batch: dict, args, peak: dict) -> dict:
     with torch.no_grad():  # opponent log-probs, precomputed once per iteration in the package
         model.eval()
         with models.opponent(model, adapters_disabled=True):
-            opponent = sequence_logps(*models.response_logits(model, batch))
+            opponent = models.response_logps(model, batch)
         model.train()
 
     model.base_model.model.set_attn_implementation("eager")
@@ -77,22 +92,18 @@ def main() -> None:
         train_step(model, optimizer, batch, opponent)
         seconds.append(time.perf_counter() - start)
     step_s = statistics.median(seconds)
-    scored = int((batch["labels"][:, 1:] != -100).sum())
-    results["training_step"] = {
-        "sequences": int(batch["input_ids"].shape[0]),
+    return {
+        "rows": int(batch["input_ids"].shape[0]),
         "padded_length": int(batch["input_ids"].shape[1]),
-        "tokens": int(batch["attention_mask"].sum()),
-        "scored_tokens": scored,
+        "scored_tokens": int(batch["response_lengths"].sum()),
         "flops": flops,
         "flops_by_op": {str(op): n for op, n in counter.get_flop_counts()["Global"].items()},
         "step_seconds": seconds,
         "median_step_s": step_s,
         "achieved_tflops": flops / step_s / 1e12,
-        "fraction_of_bf16_peak": flops / step_s / (results["peak"]["bf16"]["tflops"] * 1e12),
-        "fraction_of_fp32_peak": flops / step_s / (results["peak"]["fp32"]["tflops"] * 1e12),
+        "fraction_of_bf16_peak": flops / step_s / (peak["bf16"]["tflops"] * 1e12),
+        "fraction_of_fp32_peak": flops / step_s / (peak["fp32"]["tflops"] * 1e12),
     }
-    print(json.dumps(results["training_step"]), flush=True)
-    write_report(results, Path(args.output))
 
 
 def matmul_peak(n: int, dtype: torch.dtype, repeats: int, inner: int = 5) -> dict:
@@ -107,7 +118,7 @@ def matmul_peak(n: int, dtype: torch.dtype, repeats: int, inner: int = 5) -> dic
     return {"n": n, "best_matmul_s": best, "tflops": 2 * n**3 / best / 1e12}
 
 
-def spin_batch(tokenizer, pairs: int) -> dict:
+def spin_examples(tokenizer, pairs: int) -> list[dict]:
     problems = math_task.make_splits(pairs + 1, 0, 0, seed=0)["train"]
     examples = [
         {
@@ -117,13 +128,12 @@ def spin_batch(tokenizer, pairs: int) -> dict:
         }
         for p, other in zip(problems, problems[1:])
     ]
-    return Collator(tokenizer.pad_token_id, ("real", "generated"))(examples)
+    return examples
 
 
 def train_step(model, optimizer, batch, opponent, step: bool = True) -> None:
     """`SelfPlayLoRA._compute_loss` for spin with precomputed opponent log-probs, then backward and AdamW."""
-    logits, labels = models.response_logits(model, batch)
-    real, generated = sequence_logps(logits, labels).chunk(2)  # layout: [real; generated]
+    real, generated = models.response_logps(model, batch).chunk(2)  # layout: [real; generated]
     opponent_real, opponent_generated = opponent.chunk(2)
     losses, _, _ = spin_loss(real, generated, opponent_real, opponent_generated)
     losses.mean().backward()
@@ -133,17 +143,22 @@ def train_step(model, optimizer, batch, opponent, step: bool = True) -> None:
 
 
 def write_report(results: dict, output: Path) -> None:
-    peak, step = results["peak"], results["training_step"]
-    markdown = "\n".join([
-        "| measurement | value |",
-        "|---|---|",
-        f"| bf16 matmul peak ({peak['bf16']['n']}^2) | {peak['bf16']['tflops'] * 1e3:.0f} GFLOP/s |",
-        f"| fp32 matmul peak ({peak['fp32']['n']}^2) | {peak['fp32']['tflops'] * 1e3:.0f} GFLOP/s |",
-        f"| SPIN step: {step['sequences']} sequences x {step['padded_length']} tokens padded ({step['tokens']} real) | {step['flops'] / 1e12:.2f} TFLOP, {step['median_step_s']:.2f} s |",
-        f"| achieved | {step['achieved_tflops'] * 1e3:.0f} GFLOP/s |",
-        f"| **fraction of the bf16 peak** | **{step['fraction_of_bf16_peak']:.1%}** (of the fp32 peak: {step['fraction_of_fp32_peak']:.1%}) |",
-    ])
-    report.write_results(results, markdown, output)
+    peak, steps = results["peak"], results["training_step"]
+    lines = [
+        "| measurement | rows (one per response) | shared (prompt once per pair) |",
+        "|---|---|---|",
+        f"| bf16 / fp32 matmul peak ({peak['bf16']['n']}^2) | {peak['bf16']['tflops'] * 1e3:.0f} / {peak['fp32']['tflops'] * 1e3:.0f} GFLOP/s | |",
+    ]
+    row = lambda label, fmt: f"| {label} | " + " | ".join(fmt(steps[k]) for k in LAYOUTS) + " |"
+    lines += [
+        row("batch", lambda s: f"{s['rows']} rows x {s['padded_length']} tokens"),
+        row("FLOPs per step", lambda s: f"{s['flops'] / 1e12:.2f} TFLOP"),
+        row("median step", lambda s: f"{s['median_step_s']:.2f} s"),
+        row("achieved", lambda s: f"{s['achieved_tflops'] * 1e3:.0f} GFLOP/s"),
+        row("**fraction of the bf16 peak**", lambda s: f"**{s['fraction_of_bf16_peak']:.1%}** (fp32 peak: {s['fraction_of_fp32_peak']:.1%})"),
+        f"| step time rows / shared | **{results['rows_over_shared']['step_s']:.2f}x** (FLOPs {results['rows_over_shared']['flops']:.2f}x) | |",
+    ]
+    report.write_results(results, "\n".join(lines), output)
 
 
 if __name__ == "__main__":

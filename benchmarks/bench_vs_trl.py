@@ -5,7 +5,7 @@
 
 Both sides: SmolLM2-135M-Instruct with a bf16 base and LoRA r=16, alpha 32 on every linear layer; the
 same N prompts of the embedded math task (`math_task.make_splits(N, 0, 0)["train"]`) rendered with the
-same chat template; sampling at temperature 1 with top_p 1 and 96 new tokens, generation batch 16; then
+same chat template; sampling at temperature 1 with top_k 50 (transformers' default), top_p 1 and 96 new tokens, generation batch 16; then
 1 epoch of the SPIN/DPO logistic loss with beta 0.1, real = chosen and generated = rejected, batch 8
 pairs, AdamW at a constant lr 5e-5, no gradient clipping, no gradient checkpointing, the same torch
 thread count; the opponent/reference is the base with adapters off (iteration 0), its log-probs
@@ -158,7 +158,7 @@ def trl_worker(args) -> None:
         for i in range(0, len(prompts), 16):
             inputs = tokenizer(prompts[i : i + 16], return_tensors="pt", padding=True, add_special_tokens=False)
             output = model.generate(
-                **inputs, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                **inputs, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=50, top_p=1.0,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
             )
             for row in output[:, inputs["input_ids"].shape[1] :].tolist():

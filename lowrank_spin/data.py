@@ -44,6 +44,9 @@ class SelfPlayDataModule(L.LightningDataModule):
         heldout_reward_pairs: how many evaluation prompts also score SPIN's reward accuracy/margin on
             held-out (gold, opponent answer) pairs each iteration (two extra forwards per pair; 0 = off).
         system_prompt: optional system message put before every prompt.
+        temperature, top_k, top_p: how the synthetic responses are sampled (`generation.Sampler`):
+            softmax(logits / temperature) over the top_k most likely tokens (0 = all; 50 is what
+            transformers' generate() applied by default) within the nucleus top_p; temperature 0 = greedy.
         max_prompt_length: prompts longer than this (in tokens) are skipped, with a count reported.
         max_response_length: real responses are truncated to this many tokens.
         keep_previous_iterations: train iteration t on its own pairs plus iteration t-1's (re-scored).
@@ -72,6 +75,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         generation_batch_size: int = 16,
         max_new_tokens: int = 128,
         temperature: float = 1.0,
+        top_k: int = 50,
         top_p: float = 1.0,
         eval_max_new_tokens: int | None = None,
         heldout_reward_pairs: int = 24,
@@ -210,6 +214,7 @@ class SelfPlayDataModule(L.LightningDataModule):
                 batch_size=self.hparams.generation_batch_size,
                 max_new_tokens=self.hparams.max_new_tokens,
                 temperature=self.hparams.temperature,
+                top_k=self.hparams.top_k,
                 top_p=self.hparams.top_p,
                 seed=self.hparams.seed + 1000 * iteration,
                 progress_path=progress,
@@ -472,7 +477,7 @@ def _validate_data_args(hp) -> None:
     for field in ("batch_size", "generation_batch_size", "max_new_tokens", "max_prompt_length", "max_response_length"):
         if hp[field] < 1:
             errors.append(f"data.{field}: must be >= 1, got {hp[field]}")
-    for field in ("num_train", "num_val", "num_test", "heldout_reward_pairs"):
+    for field in ("num_train", "num_val", "num_test", "heldout_reward_pairs", "top_k"):
         if hp[field] < 0:
             errors.append(f"data.{field}: must be >= 0, got {hp[field]}")
     if hp.dataset == MATH and hp.num_train < 1:

@@ -115,6 +115,7 @@ def test_bad_model_folder(tiny_model_dir, tmp_path, remove, message):
         ({"max_new_tokens": 0}, "data.max_new_tokens: must be >= 1"),
         ({"max_prompt_length": 0}, "data.max_prompt_length: must be >= 1"),
         ({"temperature": -1.0}, "data.temperature: must be >= 0"),
+        ({"top_k": -1}, "data.top_k: must be >= 0"),
         ({"top_p": 0.0}, "data.top_p: must be in (0, 1]"),
         ({"top_p": 1.5}, "data.top_p: must be in (0, 1]"),
         ({"eval_split": "train"}, "data.eval_split: must be 'validation' or 'test'"),

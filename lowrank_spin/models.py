@@ -290,8 +290,9 @@ def shared_prompt_mask(segments: torch.Tensor, model: torch.nn.Module) -> torch.
     segments: [batch, seq], 0 for prompt tokens, k for response k, -1 for padding. A token attends
     causally to the prompt and to its own response, never to another response: with position ids
     that restart after the prompt for every response, each response sees exactly the context it has
-    in a row of its own. Padding attends to itself, so no row of the mask is empty. sdpa takes the
-    boolean mask; eager attention adds it, so it gets 0 / the dtype's minimum instead.
+    in a row of its own. Padding sees the prompt and itself (no row of the mask is empty, so no NaN)
+    and is never scored. sdpa takes the boolean mask; eager attention adds it, so it gets 0 / the
+    dtype's minimum instead.
     """
     width = segments.shape[-1]
     query, key = segments[:, :, None], segments[:, None, :]

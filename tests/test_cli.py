@@ -71,12 +71,17 @@ def test_precomputed_and_on_the_fly_opponent_logps_agree(tmp_path, cache_dir):
     """Iteration 0 (opponent = base, adapters off) and 1 (opponent adapter) give the same losses either way."""
     run_tiny(tmp_path / "pre")
     run_tiny(tmp_path / "fly", "--model.precompute_opponent_logps", "false")
-    pre = [r for r in read_metrics(tmp_path / "pre") if r["train/loss_step"]]
-    fly = [r for r in read_metrics(tmp_path / "fly") if r["train/loss_step"]]
-    assert len(pre) == len(fly) == 8
-    for a, b in zip(pre, fly):
+    assert_same_training_steps(tmp_path / "pre", tmp_path / "fly", rel=1e-4)
+
+
+def assert_same_training_steps(run_a, run_b, rel: float, steps: int = 8) -> None:
+    """Both runs logged `steps` training steps with equal losses and rewards, step by step."""
+    a_steps = [r for r in read_metrics(run_a) if r["train/loss_step"]]
+    b_steps = [r for r in read_metrics(run_b) if r["train/loss_step"]]
+    assert len(a_steps) == len(b_steps) == steps
+    for a, b in zip(a_steps, b_steps):
         for key in ("train/loss_step", "rewards/real", "rewards/generated"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), key
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=rel, abs=1e-5), key
 
 
 @pytest.mark.slow
@@ -128,12 +133,7 @@ def test_shared_prompt_and_one_row_per_response_train_alike(tmp_path, cache_dir)
     scores, same per-step losses and rewards over both iterations (float32 tiny model)."""
     run_tiny(tmp_path / "shared")
     run_tiny(tmp_path / "rows", "--model.share_prompt", "false")
-    shared = [r for r in read_metrics(tmp_path / "shared") if r["train/loss_step"]]
-    rows = [r for r in read_metrics(tmp_path / "rows") if r["train/loss_step"]]
-    assert len(shared) == len(rows) == 8
-    for a, b in zip(shared, rows):
-        for key in ("train/loss_step", "rewards/real", "rewards/generated"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-5), key
+    assert_same_training_steps(tmp_path / "shared", tmp_path / "rows", rel=1e-3)
     for iteration in (0, 1):
         read = lambda run: [json.loads(line) for line in (tmp_path / run / f"iter_{iteration}" / "synthetic.jsonl").read_text().splitlines()]
         for a, b in zip(read("shared"), read("rows")):

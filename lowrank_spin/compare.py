@@ -131,8 +131,9 @@ def _add_paired_differences(rows: list[dict], runs: dict) -> None:
     from lowrank_spin.evaluation import paired_difference
 
     def correct(arm, fraction, iteration):
-        path = runs.get((arm, fraction), Path("/nonexistent")) / f"iter_{iteration}" / "eval_samples.json"
-        return [bool(s.get("correct")) for s in json.loads(path.read_text())] if path.exists() else None
+        run_dir = runs.get((arm, fraction))
+        path = run_dir / f"iter_{iteration}" / "eval_samples.json" if run_dir else None
+        return [bool(s.get("correct")) for s in json.loads(path.read_text())] if path and path.exists() else None
 
     for row in rows:
         if row["iteration"] == "before" or row["arm"] == "sft" or row["accuracy"] is None:

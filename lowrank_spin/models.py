@@ -255,9 +255,8 @@ def response_logits(model: torch.nn.Module, batch: dict, rows: slice = slice(Non
     the common prompt prefix with `logits_to_keep` saves both without changing any log-prob.
     """
     input_ids, attention_mask, labels = batch["input_ids"][rows], batch["attention_mask"][rows], batch["labels"][rows]
-    scored = labels != IGNORE_INDEX
     width = labels.shape[1]
-    first = int(scored.float().argmax(-1)[scored.any(-1)].min()) if scored.any() else width - 1
+    first = _first_scored_position(labels != IGNORE_INDEX)
     keep = min(width, width - first + 1)  # position first - 1 predicts the first response token
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     return logits, labels[:, width - keep :]
@@ -275,13 +274,18 @@ def response_logps(model: torch.nn.Module, batch: dict, average: bool = False, n
         rows = slice(0, None if num_responses is None else num_responses * batch["num_examples"])
         return sequence_logps(*response_logits(model, batch, rows=rows), average=average)
     targets = batch["targets"][:num_responses]
-    width = targets.shape[-1]
-    scored = (targets != IGNORE_INDEX).any(0)
-    first = int(scored.float().argmax(-1)[scored.any(-1)].min()) if scored.any() else width - 1
-    keep = width - first  # positions from the earliest last-prompt-token on predict response tokens
+    first = _first_scored_position((targets != IGNORE_INDEX).any(0))
+    keep = targets.shape[-1] - first  # positions from the earliest last-prompt-token on predict response tokens
     mask = shared_prompt_mask(batch["segments"], model)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, logits_to_keep=keep).logits
     return shared_prompt_logps(logits, targets[..., first:], average=average)
+
+
+def _first_scored_position(scored: torch.Tensor) -> int:
+    """The earliest column of [batch, seq] `scored` that is True in any row (the last one if none is)."""
+    if not scored.any():
+        return scored.shape[-1] - 1
+    return int(scored.float().argmax(-1)[scored.any(-1)].min())
 
 
 def shared_prompt_mask(segments: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import gc
 import importlib.metadata
 import os
 import shutil
@@ -93,6 +95,8 @@ def load_base_model(
         )
         kwargs["dtype"] = DTYPES[compute_dtype]
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if load_in_4bit:
+        release_checkpoint_mapping(model)
     disable_cpu_weight_repacking(model)
     contiguous_lm_head_input(model)
     model.requires_grad_(False)
@@ -111,6 +115,23 @@ def contiguous_lm_head_input(model: PreTrainedModel) -> None:
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+
+
+def release_checkpoint_mapping(model: PreTrainedModel) -> None:
+    """Give back the memory a 4-bit load leaves behind on CPU.
+
+    When the checkpoint's dtype is the compute dtype, the tensors that stay unquantised (embeddings,
+    norms, LM head) are views into the memory-mapped safetensors file. That keeps the mapping alive,
+    and with it every page of the file the quantisation read: the whole checkpoint stays resident
+    (1.9 GB of a 1.1B model's bf16 file). Copying those tensors releases the mapping. The scratch
+    memory of the quantisation is then handed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and tensor.is_floating_point():  # packed 4-bit weights are uint8
+            tensor.data = tensor.data.clone()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +240,16 @@ def test_lm_head_input_is_made_contiguous(tiny_model_dir):
     model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
     model(input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), logits_to_keep=2)
     assert seen == [True]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory mappings (Linux)")
+def test_4bit_load_releases_the_checkpoint_mapping(tiny_model_dir, tmp_path):
+    """Unquantised tensors loaded from a checkpoint already in the compute dtype are views of the
+    memory-mapped file; they are copied so the file's pages are not kept resident after the load."""
+    bf16_dir = tmp_path / "bf16"
+    models.load_base_model(tiny_model_dir, dtype="bfloat16").save_pretrained(bf16_dir)
+    model = models.load_base_model(str(bf16_dir), load_in_4bit=True, compute_dtype="bfloat16")
+    gc.collect()
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(bf16_dir) in line]
+    assert mapped == []
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16

@@ -225,35 +225,44 @@ class SelfPlayDataModule(L.LightningDataModule):
         unfinished = sum(not g.finished for g in generated)
         empty = sum(g.num_tokens == 0 for g in generated)
         module.log_generation(iteration, stats, unfinished=unfinished, empty=empty, total=len(generated))
+        for example, gen in zip(examples, generated):
+            example.update(generated=gen.text, generated_finished=gen.finished)
+            # train on the tokens the opponent drew (re-tokenising the text need not give them back)
+            example["generated_ids"] = gen.token_ids if gen.token_ids is not None else response_ids(tokenizer, gen.text, gen.finished)
         # T-SPIN's proto-synthetic y0 is generated once, by the initial model: iteration 0's responses.
-        if iteration == 0:
-            proto = [(g.text, g.finished) for g in generated]
-        else:
-            proto = [(r["generated"], r["generated_finished"]) for r in read_jsonl(path.parent.parent / "iter_0" / "synthetic.jsonl")]
-        for example, gen, (proto_text, proto_finished) in zip(examples, generated, proto):
-            example.update(generated=gen.text, generated_finished=gen.finished, proto=proto_text, proto_finished=proto_finished)
-            example["generated_ids"] = response_ids(tokenizer, gen.text, gen.finished)
-            example["proto_ids"] = response_ids(tokenizer, proto_text, proto_finished)
+        protos = examples if iteration == 0 else [
+            self._to_example(row, tokenizer) for row in read_jsonl(path.parent.parent / "iter_0" / "synthetic.jsonl")
+        ]
+        for example, proto in zip(examples, protos):
+            example.update(proto=proto["generated"], proto_finished=proto["generated_finished"], proto_ids=proto["generated_ids"])
         if module.hparams.objective == "spin":
-            self._score(examples)
-        rows = [{k: v for k, v in e.items() if not k.endswith("_ids")} | {"iteration": iteration} for e in examples]
+            scored = ("real", "generated")
+            if module.hparams.opponent_logps_from_generation and all(g.logp is not None for g in generated):
+                # the opponent drew these tokens in eval mode: its log-probs of them came with them
+                for example, gen in zip(examples, generated):
+                    average = module.hparams.length_normalize
+                    example["opponent_generated_logps"] = gen.logp / max(len(gen.token_ids), 1) if average else gen.logp
+                scored = ("real",)
+            self._score(examples, scored)
+        rows = [{k: v for k, v in e.items() if k not in ("prompt_ids", "real_ids")} | {"iteration": iteration} for e in examples]
         if self.trainer.is_global_zero:
             write_jsonl_atomic(rows, path)
         self.trainer.strategy.barrier("synthetic data written")
         progress.unlink(missing_ok=True)
 
-    def _score(self, examples: list[dict]) -> None:
-        """Opponent log-probs of real and generated responses, once per iteration, in place."""
+    def _score(self, examples: list[dict], responses: tuple[str, ...] = ("real", "generated")) -> None:
+        """Opponent log-probs of the `responses` of `examples`, once per iteration, in place."""
         module = self.trainer.lightning_module
         if not module.hparams.precompute_opponent_logps:
             return
         # scoring order is free: similar lengths together waste the least padding
-        by_length = sorted(examples, key=lambda e: len(e["prompt_ids"]) + len(e["real_ids"]) + len(e["generated_ids"]))
-        collate = module.collator(("real", "generated"))
+        by_length = sorted(examples, key=lambda e: len(e["prompt_ids"]) + sum(len(e[f"{name}_ids"]) for name in responses))
+        collate = module.collator(responses)
         for chunk, batch in batches(by_length, collate, self.hparams.batch_size, module.device):
-            real, generated = module.opponent_logps(batch).chunk(2)
-            for example, r, g in zip(chunk, real.tolist(), generated.tolist()):
-                example["opponent_real_logps"], example["opponent_generated_logps"] = r, g
+            logps = module.opponent_logps(batch, num_responses=len(responses)).view(len(responses), len(chunk))
+            for name, values in zip(responses, logps.tolist()):
+                for example, value in zip(chunk, values):
+                    example[f"opponent_{name}_logps"] = value
 
     def _to_example(self, row: dict, tokenizer) -> dict:
         prompt_ids = render_prompt(tokenizer, row["prompt"], self.hparams.system_prompt)
@@ -261,8 +270,9 @@ class SelfPlayDataModule(L.LightningDataModule):
             **row,
             "prompt_ids": prompt_ids,
             "real_ids": response_ids(tokenizer, row["response"], True)[: self.hparams.max_response_length],
-            "generated_ids": response_ids(tokenizer, row["generated"], row["generated_finished"]),
-            "proto_ids": response_ids(tokenizer, row["proto"], row["proto_finished"]),
+            # files written before the drawn tokens were kept hold only the text
+            "generated_ids": row.get("generated_ids") or response_ids(tokenizer, row["generated"], row["generated_finished"]),
+            "proto_ids": row.get("proto_ids") or response_ids(tokenizer, row["proto"], row["proto_finished"]),
         }
 
     # ---- Lightning state: the cache is rebuilt from disk on resume ---------------------------------

@@ -24,8 +24,13 @@ from lowrank_spin.faults import kill_point
 @dataclass
 class Generated:
     text: str
-    num_tokens: int
+    num_tokens: int  # new tokens before EOS
     finished: bool  # False when max_new_tokens was hit before EOS
+    # The sampled tokens, closed with EOS when finished: what training scores (re-tokenising `text`
+    # need not give them back). None in progress files written before they were kept.
+    token_ids: list[int] | None = None
+    # log p(token_ids | prompt) under the generating model at temperature 1, summed over the tokens
+    logp: float | None = None
 
 
 def generate_responses(
@@ -106,7 +111,7 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
     # sampling happens in the processor list; generate() itself only takes the argmax (see Sampler)
-    sampler = LogitsProcessorList([Sampler(temperature, top_k, top_p)]) if temperature > 0 else None
+    sampler = Sampler(temperature, top_k, top_p, eos_token_id=eos_id)
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
@@ -116,32 +121,47 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         use_cache=True,
         synced_gpus=synced_gpus,  # ranks keep stepping until all have finished (ZeRO-3 collectives)
         do_sample=False,
-        logits_processor=sampler,
+        logits_processor=LogitsProcessorList([sampler]),
     )
     results = []
-    for row in output[:, width:].tolist():
+    logps = sampler.logps.tolist() if sampler.logps is not None else [0.0] * len(prompts)  # None: no step ran
+    for row, logp in zip(output[:, width:].tolist(), logps):
         finished = eos_id in row
         tokens = row[: row.index(eos_id)] if finished else row
-        results.append(Generated(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finished))
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        results.append(Generated(text, len(tokens), finished, tokens + [eos_id] if finished else tokens, logp))
     return results
 
 
 class Sampler(LogitsProcessor):
     """Draws the next token from softmax(logits / temperature) restricted to the `top_k` most likely
-    tokens (0 = all) and to the nucleus `top_p`, and returns scores that are -inf except at the drawn
-    token, so that greedy selection in generate() picks it.
+    tokens (0 = all) and to the nucleus `top_p` (temperature 0: the most likely token), and returns
+    scores that are -inf except at the drawn token, so that greedy selection in generate() picks it.
 
     generate()'s own sampling draws from the full-vocabulary probabilities with torch.multinomial, which
     makes one exponential variate per vocabulary entry and step: 16 ms of a ~95 ms decode step for 16
     rows x 49k tokens on a 2-core CPU, even though top-k leaves 50 candidates. Drawing among the top-k
     candidates only gives the same distribution for a few hundred variates.
+
+    With `eos_token_id`, `logps` also sums, per row, log p(drawn token) under the unmodified logits
+    (temperature 1, no top-k/top-p) up to and including the row's first EOS: the generating model's
+    log-prob of the response, which SPIN otherwise recomputes with a scoring forward.
     """
 
-    def __init__(self, temperature: float, top_k: int = 50, top_p: float = 1.0):
+    def __init__(self, temperature: float, top_k: int = 50, top_p: float = 1.0, eos_token_id: int | None = None):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.eos_token_id = eos_token_id
+        self.logps: torch.Tensor | None = None  # [batch] float64, once called
+        self._finished: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float() / self.temperature
+        logits = scores.float()
+        chosen = logits.argmax(-1, keepdim=True) if self.temperature == 0 else self._draw(logits / self.temperature)
+        if self.eos_token_id is not None:
+            self._record(logits, chosen)
+        return torch.full_like(logits, float("-inf")).scatter_(-1, chosen, 0.0)
+
+    def _draw(self, scores: torch.Tensor) -> torch.Tensor:
         if self.top_k and self.top_k < scores.shape[-1]:
             candidates, tokens = scores.topk(self.top_k, dim=-1)  # sorted, most likely first
         elif self.top_p < 1:
@@ -153,8 +173,15 @@ class Sampler(LogitsProcessor):
             # keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does
             probs = probs.masked_fill(probs.cumsum(-1) - probs >= self.top_p, 0.0)
         choice = torch.multinomial(probs, 1)  # renormalises what is left
-        chosen = choice if tokens is None else tokens.gather(-1, choice)
-        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
+        return choice if tokens is None else tokens.gather(-1, choice)
+
+    def _record(self, logits: torch.Tensor, chosen: torch.Tensor) -> None:
+        if self.logps is None:
+            self.logps = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+            self._finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        token_logps = (logits.gather(-1, chosen) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
+        self.logps += token_logps.double().masked_fill(self._finished, 0.0)  # nothing after a row's EOS
+        self._finished |= chosen.squeeze(-1) == self.eos_token_id
 
 
 def _read_progress(path: str | Path) -> dict[int, Generated]:

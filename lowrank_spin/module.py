@@ -44,6 +44,10 @@ class SelfPlayLoRA(L.LightningModule):
         length_normalize: average instead of sum the response log-probs.
         precompute_opponent_logps: score real/generated with the opponent once per iteration, right after
             generation (default); otherwise score on the fly through the toggled adapter every step.
+        opponent_logps_from_generation: with precompute_opponent_logps, take the opponent's log-probs of
+            its generated responses from the generation pass (same weights, eval mode, the drawn tokens)
+            instead of a scoring forward, so only the real responses are scored. The two differ by
+            float rounding only (different batch shapes and a KV cache); off = score both.
         share_prompt: run each prompt once per example in spin/tspin forwards, its responses after it
             under a block attention mask (`data.SharedPromptCollator`): the same log-probs from fewer
             tokens. sdpa and eager attention only; flash_attention_2 takes no custom mask and uses one
@@ -80,6 +84,7 @@ class SelfPlayLoRA(L.LightningModule):
         num_iterations: int = 2,
         epochs_per_iteration: int = 1,
         precompute_opponent_logps: bool = True,
+        opponent_logps_from_generation: bool = True,
         share_prompt: bool = True,
         real_drift_warning: float = 5.0,
         cache_dir: str | None = None,
@@ -244,13 +249,16 @@ class SelfPlayLoRA(L.LightningModule):
             yield self.model
 
     @torch.no_grad()
-    def opponent_logps(self, batch: dict) -> torch.Tensor:
-        """Log-probs of the [real; generated] part of `batch` under the opponent θ0 + Δθt (eval mode)."""
+    def opponent_logps(self, batch: dict, num_responses: int = 2) -> torch.Tensor:
+        """Log-probs of the first `num_responses` responses of `batch` ([real; generated] by default)
+        under the opponent θ0 + Δθt (eval mode)."""
         was_training = self.model.training
         self.model.eval()
         try:
             with self.as_opponent():
-                return models.response_logps(self.model, batch, average=self.hparams.length_normalize, num_responses=2)
+                return models.response_logps(
+                    self.model, batch, average=self.hparams.length_normalize, num_responses=num_responses
+                )
         finally:
             self.model.train(was_training)
 

@@ -81,7 +81,9 @@ def assert_same_training_steps(run_a, run_b, rel: float, steps: int = 8) -> None
     assert len(a_steps) == len(b_steps) == steps
     for a, b in zip(a_steps, b_steps):
         for key in ("train/loss_step", "rewards/real", "rewards/generated"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=rel, abs=1e-5), key
+            # abs: rewards are β x differences of summed float32 log-probs of ~100 tokens; where the
+            # policy still equals the opponent they are rounding noise (seen: up to 2e-5)
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=rel, abs=5e-5), key
 
 
 @pytest.mark.slow
@@ -128,11 +130,13 @@ def test_spin_starts_from_an_sft_adapter(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_shared_prompt_and_one_row_per_response_train_alike(tmp_path, cache_dir):
-    """The shared-prompt layout (default) and one row per response give the same run: same opponent
-    scores, same per-step losses and rewards over both iterations (float32 tiny model)."""
+def test_fast_paths_train_like_the_plain_ones(tmp_path, cache_dir):
+    """The defaults (the shared-prompt layout, the opponent's log-probs of its own responses taken from
+    generation) and the plain paths (one row per response, a scoring forward for real and generated)
+    give the same run: same opponent scores, same per-step losses and rewards over both iterations
+    (float32 tiny model)."""
     run_tiny(tmp_path / "shared")
-    run_tiny(tmp_path / "rows", "--model.share_prompt", "false")
+    run_tiny(tmp_path / "rows", "--model.share_prompt", "false", "--model.opponent_logps_from_generation", "false")
     assert_same_training_steps(tmp_path / "shared", tmp_path / "rows", rel=1e-3)
     for iteration in (0, 1):
         read = lambda run: [json.loads(line) for line in (tmp_path / run / f"iter_{iteration}" / "synthetic.jsonl").read_text().splitlines()]

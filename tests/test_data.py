@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import randomize_lora
 from lowrank_spin import models
 from lowrank_spin.data import Collator, SharedPromptCollator, read_pairs, render_prompt, response_ids
 from lowrank_spin.generation import Sampler, generate_responses
@@ -116,6 +117,30 @@ def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, 
     assert resumed_stats["new_tokens"] == stats["new_tokens"] - finished_first_batch  # batch 1 not regenerated
     indices = [json.loads(line)["index"] for line in progress.read_text().splitlines()]
     assert sorted(indices) == list(range(10)), "every prompt exactly once"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, temperature):
+    """The log-probs the sampler sums while generating are the model's log-probs of the drawn tokens
+    (temperature 1, up to and including EOS): what a scoring forward over prompt + tokens gives."""
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), lora_rank=4, lora_alpha=8)
+    randomize_lora(model)
+    eos = tokenizer.eos_token_id
+    if temperature > 0:  # EOS made likelier (in generation and scoring alike): some rows finish early
+        boost = torch.zeros(len(tokenizer)).index_fill(0, torch.tensor([eos]), 1.0)
+        model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + boost)
+    prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(6)]
+    generated, _ = generate_responses(model, tokenizer, prompts, batch_size=4, max_new_tokens=16, temperature=temperature, seed=1)
+    if temperature > 0:
+        assert {g.finished for g in generated} == {True, False}, "finished and unfinished rows are covered"
+    for g in generated:
+        assert g.token_ids[-1] == eos if g.finished else eos not in g.token_ids
+        assert len(g.token_ids) == g.num_tokens + g.finished
+    examples = [{"prompt_ids": p, "generated_ids": g.token_ids} for p, g in zip(prompts, generated)]
+    model.eval()
+    with torch.no_grad():
+        scored = models.response_logps(model, Collator(tokenizer.pad_token_id, ("generated",))(examples))
+    torch.testing.assert_close(torch.tensor([g.logp for g in generated], dtype=torch.float32), scored, rtol=1e-4, atol=1e-4)
 
 
 def test_sampler_draws_from_the_top_k_nucleus_distribution():

@@ -50,6 +50,10 @@ class SelfPlayDataModule(L.LightningDataModule):
         max_prompt_length: prompts longer than this (in tokens) are skipped, with a count reported.
         max_response_length: real responses are truncated to this many tokens.
         keep_previous_iterations: train iteration t on its own pairs plus iteration t-1's (re-scored).
+        length_grouped_batches: each epoch the training examples are shuffled, then every window of
+            this many batches is sorted by length and cut into batches, and the batches are shuffled:
+            a batch holds similar lengths, so it pads less (on the math task 6% of the tokens instead
+            of 17% at 4). 1 = a plain shuffle.
         seed: seeds generation (per batch) and the shuffling (per epoch): a resumed run sees what an
             uninterrupted one would have.
     """
@@ -81,6 +85,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         heldout_reward_pairs: int = 24,
         eval_every_iteration: bool = True,
         keep_previous_iterations: bool = False,
+        length_grouped_batches: int = 4,
         seed: int = 0,
     ):
         super().__init__()
@@ -147,14 +152,19 @@ class SelfPlayDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         objective = module.hparams.objective
         examples = self.examples["train"] if objective == "sft" else self.synthetic_examples(module.iteration)
+        responses = RESPONSES[objective]
         # The order depends only on (seed, epoch), so a resumed epoch sees the batches it would have seen.
-        order = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.trainer.current_epoch)
+        order = length_grouped_order(
+            [len(e["prompt_ids"]) + sum(len(e[f"{name}_ids"]) for name in responses) for e in examples],
+            self.hparams.batch_size,
+            self.hparams.length_grouped_batches,
+            torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.trainer.current_epoch),
+        )
         return DataLoader(
-            examples,
+            [examples[i] for i in order],
             batch_size=self.hparams.batch_size,
-            shuffle=True,
-            generator=order,
-            collate_fn=module.collator(RESPONSES[objective]),
+            shuffle=False,  # already shuffled; under DDP each rank takes every world_size-th example of it
+            collate_fn=module.collator(responses),
         )
 
     @property
@@ -286,6 +296,21 @@ def batches(examples: list[dict], collate: Collator, batch_size: int, device):
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         yield chunk, {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, window: int, generator: torch.Generator) -> list[int]:
+    """A random order of the examples in which consecutive `batch_size` runs have similar lengths.
+
+    Shuffle; sort each window of `window` batches by length and cut it into batches; shuffle the full
+    batches. A short last batch stays last, so cutting the order every `batch_size` gives these batches.
+    """
+    shuffled = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(shuffled), window * batch_size):
+        group = sorted(shuffled[start : start + window * batch_size], key=lambda i: lengths[i])
+        batches += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+    last = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]] + [i for b in last for i in b]
 
 
 def _gather_shards(generated: list) -> list:
@@ -484,7 +509,7 @@ def _first_turns(messages: list, prompt_field: str, response_field: str) -> dict
 
 def _validate_data_args(hp) -> None:
     errors = []
-    for field in ("batch_size", "generation_batch_size", "max_new_tokens", "max_prompt_length", "max_response_length"):
+    for field in ("batch_size", "generation_batch_size", "max_new_tokens", "max_prompt_length", "max_response_length", "length_grouped_batches"):
         if hp[field] < 1:
             errors.append(f"data.{field}: must be >= 1, got {hp[field]}")
     for field in ("num_train", "num_val", "num_test", "heldout_reward_pairs", "top_k"):

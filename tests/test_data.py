@@ -9,7 +9,15 @@ import torch
 
 from conftest import randomize_lora
 from lowrank_spin import models
-from lowrank_spin.data import Collator, SharedPromptCollator, read_pairs, render_prompt, response_ids
+from lowrank_spin.data import (
+    Collator,
+    SelfPlayDataModule,
+    SharedPromptCollator,
+    length_grouped_order,
+    read_pairs,
+    render_prompt,
+    response_ids,
+)
 from lowrank_spin.generation import Sampler, generate_responses
 from lowrank_spin.losses import IGNORE_INDEX
 from lowrank_spin.validation import ConfigError
@@ -173,3 +181,28 @@ def test_sampling_with_top_k_1_is_greedy(tiny_model_dir, tokenizer):
     sampled, _ = generate_responses(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, top_k=0, seed=5)
     assert top_1 == greedy
     assert sampled != greedy
+
+
+def test_length_grouped_order_batches_similar_lengths():
+    lengths = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    rank = {i: r for r, i in enumerate(sorted(range(64), key=lambda i: lengths[i]))}
+
+    def batches(window, seed=1, n=64, batch_size=8):
+        order = length_grouped_order(lengths[:n], batch_size, window, torch.Generator().manual_seed(seed))
+        assert sorted(order) == list(range(n)), "a permutation"
+        return [order[k : k + batch_size] for k in range(0, n, batch_size)]
+
+    # one window over the whole epoch: every batch is a run of consecutive lengths
+    for batch in batches(window=8):
+        assert sorted(rank[i] for i in batch) == list(range(min(rank[i] for i in batch), min(rank[i] for i in batch) + 8))
+    padding = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+    assert padding(batches(window=4)) < 0.5 * padding(batches(window=1))
+    assert batches(window=4) == batches(window=4) and batches(window=4) != batches(window=4, seed=2), "seeded"
+    # 30 examples in batches of 8: the short batch (the last window's longest 6) is the last one
+    last = batches(window=2, n=30)[-1]
+    assert len(last) == 6 and all(length_grouped_order(lengths[:30], 8, 2, torch.Generator().manual_seed(1)).index(i) >= 24 for i in last)
+
+
+def test_length_grouped_batches_must_be_positive():
+    with pytest.raises(ConfigError, match="data.length_grouped_batches: must be >= 1"):
+        SelfPlayDataModule(length_grouped_batches=0)

@@ -181,6 +181,9 @@ def test_sampling_with_top_k_1_is_greedy(tiny_model_dir, tokenizer):
     sampled, _ = generate_responses(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, top_k=0, seed=5)
     assert top_1 == greedy
     assert sampled != greedy
+    for prompt, ours in zip(prompts, greedy):  # and temperature 0 is transformers' own greedy decoding
+        reference = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert reference[0, len(prompt) :].tolist()[: len(ours.token_ids)] == ours.token_ids
 
 
 def test_length_grouped_order_batches_similar_lengths():

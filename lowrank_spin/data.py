@@ -249,8 +249,8 @@ class SelfPlayDataModule(L.LightningDataModule):
             scored = ("real", "generated")
             if module.hparams.opponent_logps_from_generation and all(g.logp is not None for g in generated):
                 # the opponent drew these tokens in eval mode: its log-probs of them came with them
+                average = module.hparams.length_normalize
                 for example, gen in zip(examples, generated):
-                    average = module.hparams.length_normalize
                     example["opponent_generated_logps"] = gen.logp / max(len(gen.token_ids), 1) if average else gen.logp
                 scored = ("real",)
             self._score(examples, scored)

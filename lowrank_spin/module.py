@@ -12,6 +12,7 @@ from functools import cached_property
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lowrank_spin import losses, models
 from lowrank_spin.callbacks import IterationBoundaries
@@ -30,6 +31,8 @@ class SelfPlayLoRA(L.LightningModule):
             folder, or a Hugging Face hub id.
         load_in_4bit: nf4 base with double quantisation (bitsandbytes); `compute_dtype` is its matmul dtype.
         dtype: weight dtype of a plain (not 4-bit) base.
+            `auto` (both defaults): bf16 where the hardware has it natively, else float32
+            (`models.choose_dtype`); the choice is printed when the model loads.
         attn_implementation: `sdpa`, `eager` or `flash_attention_2`; the last falls back to sdpa with a
             warning where flash-attn or a suitable GPU is missing, or fails validation with
             `require_flash_attention`.
@@ -61,8 +64,8 @@ class SelfPlayLoRA(L.LightningModule):
         self,
         model_name_or_path: str = models.SMOLLM2,
         load_in_4bit: bool = False,
-        dtype: str = "float32",
-        compute_dtype: str = "bfloat16",
+        dtype: str = models.AUTO,
+        compute_dtype: str = models.AUTO,
         attn_implementation: str = "sdpa",
         require_flash_attention: bool = False,
         gradient_checkpointing: bool = False,
@@ -121,8 +124,13 @@ class SelfPlayLoRA(L.LightningModule):
             # transformers then loads the checkpoint straight into ZeRO-3 partitions (and generate()
             # syncs ranks); it looks this object up through a weak reference, so keep it alive.
             self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
+        device_type = strategy.root_device.type if strategy is not None else "cpu"
+        dtype, reason = models.choose_dtype(hp.compute_dtype if hp.load_in_4bit else hp.dtype, device_type)
+        field = "compute_dtype" if hp.load_in_4bit else "dtype"
+        if rank_zero_only.rank == 0:
+            print(f"model.{field}: {dtype} ({reason})", flush=True)
         base = models.load_base_model(
-            self.model_path, hp.load_in_4bit, hp.dtype, hp.compute_dtype, self.attn_implementation, hp.trust_remote_code
+            self.model_path, hp.load_in_4bit, dtype, dtype, self.attn_implementation, hp.trust_remote_code
         )
         if hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Mapping
 
 from lowrank_spin.losses import LOSS_TYPES, OBJECTIVES
-from lowrank_spin.models import DTYPES
+from lowrank_spin.models import AUTO, DTYPES
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit", "paged_adamw_32bit")  # paged: bitsandbytes, CUDA only
@@ -47,8 +47,8 @@ def validate_module_args(hp: Mapping) -> None:
     if not 0 <= hp["lora_dropout"] < 1:
         errors.append(f"model.lora_dropout: must be in [0, 1), got {hp['lora_dropout']}")
     for field in ("dtype", "compute_dtype"):
-        if hp[field] not in DTYPES:
-            errors.append(f"model.{field}: must be one of {tuple(DTYPES)}, got {hp[field]!r}")
+        if hp[field] not in (AUTO, *DTYPES):
+            errors.append(f"model.{field}: must be one of {(AUTO, *DTYPES)}, got {hp[field]!r}")
     if hp["load_in_4bit"] and importlib.util.find_spec("bitsandbytes") is None:
         errors.append("model.load_in_4bit: needs bitsandbytes (pip install bitsandbytes) or set it to false")
     if hp["attn_implementation"] not in ATTN_IMPLEMENTATIONS:

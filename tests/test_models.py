@@ -253,3 +253,37 @@ def test_4bit_load_releases_the_checkpoint_mapping(tiny_model_dir, tmp_path):
     mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(bf16_dir) in line]
     assert mapped == []
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+# A CPU without native bf16 (AMD EPYC, Zen 3: AVX2 only) and one with it (Sapphire Rapids), as /proc/cpuinfo has them.
+ZEN3_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse sse2 avx f16c fma avx2 bmi2 sha_ni vaes vpclmulqdq\n"
+SPR_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile\n"
+
+
+def test_auto_dtype_is_float32_without_native_bf16_and_bf16_with_it(monkeypatch):
+    assert models.cpu_bf16_flags(ZEN3_CPUINFO) == []
+    assert models.cpu_bf16_flags(SPR_CPUINFO) == ["avx512_bf16", "amx_bf16"]
+    assert models.cpu_bf16_flags("Features\t: fp asimd bf16 i8mm\n") == ["bf16"]  # ARMv8.6
+    monkeypatch.setattr(models, "cpu_bf16_flags", lambda: [])
+    assert models.choose_dtype("auto", "cpu")[0] == "float32"
+    assert models.choose_dtype("bfloat16", "cpu") == ("bfloat16", "set in the config"), "an explicit dtype is kept"
+    monkeypatch.setattr(models, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    assert models.choose_dtype("auto", "cpu")[0] == "bfloat16"
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_module_loads_the_auto_dtype_and_says_so(load_in_4bit, monkeypatch, tiny_model_dir, capsys):
+    from lowrank_spin.module import SelfPlayLoRA
+
+    monkeypatch.setattr(models, "cpu_bf16_flags", lambda: [])  # an AVX2-only CPU
+    module = SelfPlayLoRA(model_name_or_path=tiny_model_dir, load_in_4bit=load_in_4bit, lora_rank=4, lora_alpha=8)
+    module.configure_model()
+    field = "compute_dtype" if load_in_4bit else "dtype"
+    assert f"model.{field}: float32 (auto: this CPU has no native bf16" in capsys.readouterr().out
+    base = module.model.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == torch.float32
+    if load_in_4bit:
+        import bitsandbytes as bnb
+
+        layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers and all(m.compute_dtype == torch.float32 for m in layers)

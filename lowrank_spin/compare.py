@@ -18,18 +18,23 @@ override). W&B runs (when the config logs to W&B) share one group, the output fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
+
+from lowrank_spin.evaluation import paired_difference
+from lowrank_spin.files import RunDir, write_text_atomic
 
 ARMS = ("sft", "spin", "tspin")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], fit: Callable[[list[str]], object]) -> None:
+    """Run every arm with `fit` (the `fit` CLI over a list of arguments), then write and print the report."""
     parser = argparse.ArgumentParser(prog="lowrank-spin compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a fit config; every arm uses it")
     parser.add_argument("--output", default="runs/compare", help="one sub-folder per arm and data fraction")
@@ -41,15 +46,14 @@ def main(argv: list[str]) -> None:
     if bad:
         parser.error(f"--data_fractions: each must be in (0, 1], got {bad}")
     output = Path(args.output)
-    runs = run_arms(args.config, output, args.arms, args.data_fractions, args.num_train, overrides)
+    runs = run_arms(fit, args.config, output, args.arms, args.data_fractions, args.num_train, overrides)
     rows = collect(runs)
     write_report(rows, runs, output)
     print((output / "comparison.md").read_text())
 
 
-def run_arms(config: str, output: Path, arms, fractions, num_train: int | None, overrides: list[str]) -> dict:
-    from lowrank_spin.cli import build_cli
-
+def run_arms(fit: Callable[[list[str]], object], config: str, output: Path, arms, fractions, num_train: int | None, overrides: list[str]) -> dict:
+    """Run (or reuse) one `fit` per arm and data fraction; returns {(arm, fraction): run folder}."""
     total = num_train or _config_num_train(config)
     group = os.environ.get("WANDB_RUN_GROUP") or output.resolve().name
     runs = {}
@@ -59,11 +63,11 @@ def run_arms(config: str, output: Path, arms, fractions, num_train: int | None, 
             run_dir = output / name
             args = [
                 "fit", "--config", config,
-                "--model.objective", arm,
+                "--model.objective.name", arm,
                 "--data.max_samples", str(max(1, int(round(total * fraction)))),
                 "--trainer.default_root_dir", str(run_dir),
                 "--trainer.logger.init_args.save_dir", str(run_dir),
-                *([] if fraction == 1 else ["--data.eval_every_iteration", "false"]),
+                *([] if fraction == 1 else ["--data.evaluation.every_iteration", "false"]),
                 *overrides,
             ]
             if (run_dir / "results.json").exists() and _finished(run_dir, config):
@@ -72,25 +76,23 @@ def run_arms(config: str, output: Path, arms, fractions, num_train: int | None, 
                 if runs:
                     _share_before_evaluation(next(iter(runs.values())), run_dir)
                 print(f"[compare] {arm} at {fraction:.0%} of the data -> {run_dir}")
-                with mock.patch.dict(os.environ, {"WANDB_RUN_GROUP": group, "WANDB_NAME": name}):  # W&B reads these
-                    build_cli(args + (["--ckpt_path", "last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []))
+                with _environment(WANDB_RUN_GROUP=group, WANDB_NAME=name):  # W&B reads these
+                    fit(args + (["--ckpt_path", "last"] if (RunDir(run_dir).checkpoints / "last.ckpt").exists() else []))
             runs[(arm, fraction)] = run_dir
     return runs
 
 
 def _share_before_evaluation(source: Path, run_dir: Path) -> None:
     """Seed a new arm with the first arm's evaluation of the common initial model (the callback then skips it)."""
-    from lowrank_spin.callbacks import BEFORE
-    from lowrank_spin.files import write_text_atomic
-
-    if (run_dir / "results.json").exists():
+    source, target = RunDir(source), RunDir(run_dir)
+    if target.results.exists():
         return
-    before = [row for row in json.loads((source / "results.json").read_text()) if row["iteration"] == BEFORE]
-    if not before:
+    before = source.read_results().get(RunDir.BEFORE)
+    if before is None:
         return
-    (run_dir / "before").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source / "before" / "eval_samples.json", run_dir / "before" / "eval_samples.json")
-    write_text_atomic(run_dir / "results.json", json.dumps(before, indent=1))
+    target.iteration(RunDir.BEFORE).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source.eval_samples(RunDir.BEFORE), target.eval_samples(RunDir.BEFORE))
+    write_text_atomic(target.results, json.dumps([before], indent=1))
 
 
 def collect(runs: dict) -> list[dict]:
@@ -128,9 +130,9 @@ def collect(runs: dict) -> list[dict]:
 
 def _add_paired_differences(rows: list[dict], runs: dict) -> None:
     """Each arm's accuracy minus SFT's at the same data fraction and iteration, paired by problem."""
-    from lowrank_spin.evaluation import paired_difference
 
     def correct(arm, fraction, iteration):
+        """Per-problem correctness of one arm's evaluation, or None where it was not evaluated."""
         run_dir = runs.get((arm, fraction))
         path = run_dir / f"iter_{iteration}" / "eval_samples.json" if run_dir else None
         return [bool(s.get("correct")) for s in json.loads(path.read_text())] if path and path.exists() else None
@@ -144,6 +146,7 @@ def _add_paired_differences(rows: list[dict], runs: dict) -> None:
 
 
 def write_report(rows: list[dict], runs: dict, output: Path) -> None:
+    """Write comparison.csv, comparison.md and the plots into `output`; returns None."""
     output.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(output / "comparison.csv", "w", newline="") as f:
@@ -167,6 +170,7 @@ def write_report(rows: list[dict], runs: dict, output: Path) -> None:
 
 
 def plot(rows: list[dict], runs: dict, output: Path) -> None:
+    """Write the PNG plots of `rows` (and the runs' loss curves) into `output`; returns None."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,6 +229,21 @@ def plot(rows: list[dict], runs: dict, output: Path) -> None:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _environment(**variables: str):
+    """Set environment variables for the block and restore the previous values after it."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _config_num_train(config: str) -> int:

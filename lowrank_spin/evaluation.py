@@ -4,23 +4,28 @@ dataset has a checker (the embedded math task)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from lowrank_spin import math_task
-from lowrank_spin.data import Collator, batches, response_ids
+from lowrank_spin.batching import IGNORE_INDEX, Collator, batches, response_logits, response_logps, sequence_logps
+from lowrank_spin.data.chat import response_ids
+from lowrank_spin.embedded import task
 from lowrank_spin.generation import generate_responses
-from lowrank_spin.losses import IGNORE_INDEX, sequence_logps
-from lowrank_spin.models import response_logits, response_logps
+from lowrank_spin.opponent import Opponent
+from lowrank_spin.settings import SamplingSettings
 
 
-def evaluate(module, examples: list[dict], check_answers: bool, batch_size: int, max_new_tokens: int):
-    """Returns (metrics, samples) for the policy on `examples` (dicts with prompt_ids, real_ids, ...)."""
-    model, tokenizer = module.model, module.tokenizer
-    generated, _ = generate_responses(
-        model, tokenizer, [e["prompt_ids"] for e in examples], batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=0.0, desc="evaluate"
-    )
-    nll, tokens = gold_nll(model, examples, Collator(tokenizer.pad_token_id, ("real",)), batch_size)
+def evaluate(model, tokenizer, examples: list[dict], check_answers: bool, sampling: SamplingSettings, max_new_tokens: int) -> tuple[dict, list[dict]]:
+    """Greedy answers and gold NLL of `model` (the policy) on `examples` (dicts with prompt_ids, real_ids, ...).
+
+    Returns (metrics, samples): metrics `nll` (per token), `generated_tokens`, `unfinished_fraction`,
+    `accuracy` (None without a checker) with its Wilson interval and per number of steps; one sample
+    (prompt, real, generated, finished, correct) per example.
+    """
+    greedy = replace(sampling, temperature=0.0, max_new_tokens=max_new_tokens)
+    generated, _ = generate_responses(model, tokenizer, [e["prompt_ids"] for e in examples], greedy, desc="evaluate")
+    nll, tokens = gold_nll(model, examples, Collator(tokenizer.pad_token_id, ("real",)), sampling.batch_size)
     metrics = {
         "nll": nll / max(tokens, 1),
         "generated_tokens": sum(g.num_tokens for g in generated) / len(generated),
@@ -29,7 +34,7 @@ def evaluate(module, examples: list[dict], check_answers: bool, batch_size: int,
     }
     samples = [{"prompt": e["prompt"], "real": e["response"], "generated": g.text, "finished": g.finished} for e, g in zip(examples, generated)]
     if check_answers:
-        correct = [math_task.is_correct(g.text, e["answer"]) for e, g in zip(examples, generated)]
+        correct = [task.is_correct(g.text, e["answer"]) for e, g in zip(examples, generated)]
         metrics["accuracy"] = sum(correct) / len(correct)
         metrics["accuracy_ci_low"], metrics["accuracy_ci_high"] = wilson_interval(sum(correct), len(correct))
         metrics["num_examples"] = len(correct)
@@ -43,10 +48,13 @@ def evaluate(module, examples: list[dict], check_answers: bool, batch_size: int,
 
 
 @torch.no_grad()
-def heldout_rewards(module, examples: list[dict], samples: list[dict], beta: float, batch_size: int) -> dict[str, float]:
-    """Reward accuracy and margin of the policy against the current opponent on held-out pairs:
-    real = the gold response, generated = `samples` (the opponent's answers to the same prompts)."""
-    tokenizer = module.tokenizer
+def heldout_rewards(model, opponent: Opponent, examples: list[dict], samples: list[dict], beta: float, batch_size: int) -> dict[str, float]:
+    """Reward accuracy and margin of the policy `model` against `opponent` on held-out pairs:
+    real = the gold response, generated = `samples` (the opponent's answers to the same prompts).
+
+    Returns `reward_accuracy`, `reward_margin`, `reward_real`, `reward_generated` (empty without pairs).
+    """
+    tokenizer = opponent.tokenizer
     pairs = [
         {**e, "generated_ids": response_ids(tokenizer, s["generated"], s.get("finished", True))}
         for e, s in zip(examples, samples)
@@ -54,16 +62,14 @@ def heldout_rewards(module, examples: list[dict], samples: list[dict], beta: flo
     ]
     if not pairs:
         return {}
-    collate = module.collator(("real", "generated"))
-    model, device = module.model, module.device
+    collate = opponent.collator(("real", "generated"))
     was_training = model.training
     real_rewards, generated_rewards = [], []
     try:
-        for _, batch in batches(pairs, collate, batch_size, device):
+        for _, batch in batches(pairs, collate, batch_size, opponent.device):
             model.eval()
-            policy = response_logps(model, batch, average=module.hparams.length_normalize)
-            opponent = module.opponent_logps(batch)
-            rewards = beta * (policy - opponent)
+            policy = response_logps(model, batch, average=opponent.objective.length_normalize)
+            rewards = beta * (policy - opponent.logps(batch))
             real, generated = rewards.chunk(2)
             real_rewards += real.tolist()
             generated_rewards += generated.tolist()
@@ -79,7 +85,7 @@ def heldout_rewards(module, examples: list[dict], samples: list[dict], beta: flo
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (sane at 0 and n, unlike the normal one)."""
+    """(low, high): the 95% Wilson score interval of a binomial proportion (sane at 0 and n, unlike the normal one)."""
     if n == 0:
         return 0.0, 1.0
     p = successes / n
@@ -89,7 +95,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def paired_difference(a: list[bool], b: list[bool], z: float = 1.96) -> tuple[float, float, float]:
-    """Accuracy of a minus accuracy of b on the same problems, with its 95% interval.
+    """(mean, low, high): accuracy of a minus accuracy of b on the same problems, with its 95% interval.
 
     Pairing by problem removes the problems both get right or both get wrong from the noise, so it
     resolves far smaller differences than two independent Wilson intervals would. Normal
@@ -107,7 +113,7 @@ def paired_difference(a: list[bool], b: list[bool], z: float = 1.96) -> tuple[fl
 
 @torch.no_grad()
 def gold_nll(model, examples: list[dict], collate, batch_size: int) -> tuple[float, int]:
-    """Summed NLL of the real responses and their token count (eval mode, policy adapter active)."""
+    """(summed NLL of the real responses, their token count) under `model` as it is (eval mode)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

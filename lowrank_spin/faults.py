@@ -14,6 +14,7 @@ _counts: dict[str, int] = {}
 
 
 def kill_point(point: str) -> None:
+    """SIGKILL this process if `LOWRANK_SPIN_KILL_AT` names `point` and this is its n-th visit; else return None."""
     spec = os.environ.get("LOWRANK_SPIN_KILL_AT")
     if not spec:
         return

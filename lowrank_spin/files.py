@@ -1,5 +1,5 @@
-"""Run files are written to a temporary name and renamed: a kill never leaves a half-written file
-that a resumed run would trust."""
+"""What a run writes and where: `RunDir` names every path; files are written to a temporary name and
+renamed, so a kill never leaves a half-written file that a resumed run would trust."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename; returns None."""
     # a temporary name of its own, so concurrent writers (e.g. DDP ranks) never rename each other's file
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
         f.write(text)
@@ -19,8 +20,67 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_jsonl_atomic(rows: list[dict], path: Path) -> None:
+    """Write one JSON object per line to `path`, atomically; returns None."""
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a jsonl file (blank lines skipped)."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class RunDir:
+    """Where a run keeps what it writes, under `trainer.default_root_dir`: the only place paths are built.
+
+    `before/` and `iter_<t>/` per evaluated model (adapter, synthetic data, evaluation samples),
+    `results.json`, `checkpoints/`, `data/` (the embedded task's splits).
+    """
+
+    BEFORE = -1  # the results row and folder of the initial model, before iteration 0
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def iteration(self, iteration: int) -> Path:
+        """The folder of `iteration` (`before/` for RunDir.BEFORE)."""
+        return self.root / ("before" if iteration == self.BEFORE else f"iter_{iteration}")
+
+    def synthetic(self, iteration: int) -> Path:
+        """The finished synthetic data of `iteration`."""
+        return self.iteration(iteration) / "synthetic.jsonl"
+
+    def generation_progress(self, iteration: int, rank: int = 0, world_size: int = 1) -> Path:
+        """The per-batch progress file of `iteration`'s generation (one per rank under DDP)."""
+        suffix = ".partial.jsonl" if world_size == 1 else f".partial.rank{rank}.jsonl"
+        return self.synthetic(iteration).with_suffix(suffix)
+
+    def eval_samples(self, iteration: int) -> Path:
+        """The greedy evaluation answers of the model after `iteration` (or before, RunDir.BEFORE)."""
+        return self.iteration(iteration) / "eval_samples.json"
+
+    @property
+    def results(self) -> Path:
+        """Per-iteration evaluation rows."""
+        return self.root / "results.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Lightning checkpoints (`last.ckpt`)."""
+        return self.root / "checkpoints"
+
+    @property
+    def data(self) -> Path:
+        """The embedded task's splits as jsonl."""
+        return self.root / "data"
+
+    def read_results(self) -> dict[int, dict]:
+        """The evaluation rows written so far, by iteration (empty before the first)."""
+        if not self.results.exists():
+            return {}
+        return {row["iteration"]: row for row in json.loads(self.results.read_text())}
+
+    def write_result(self, row: dict) -> None:
+        """Add or replace the row of `row["iteration"]` in results.json, atomically."""
+        results = self.read_results()
+        results[row["iteration"]] = row
+        write_text_atomic(self.results, json.dumps([results[k] for k in sorted(results)], indent=1))

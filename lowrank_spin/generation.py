@@ -20,6 +20,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lowrank_spin import models
 from lowrank_spin.faults import kill_point
+from lowrank_spin.settings import SamplingSettings
 
 
 @dataclass
@@ -38,12 +39,8 @@ def generate_responses(
     model: torch.nn.Module,
     tokenizer,
     prompt_ids: list[list[int]],
+    sampling: SamplingSettings,
     *,
-    batch_size: int = 16,
-    max_new_tokens: int = 128,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
     seed: int = 0,
     progress_path: str | Path | None = None,
     desc: str = "generate",
@@ -51,8 +48,7 @@ def generate_responses(
 ) -> tuple[list[Generated | None], dict[str, float]]:
     """Generate one response per prompt; returns them in prompt order, plus timing statistics.
 
-    temperature 0 means greedy decoding; otherwise tokens are sampled from the softmax of logits /
-    temperature restricted to the `top_k` most likely tokens (0 = all) and to the nucleus `top_p`.
+    `sampling` says how (`Sampler`; temperature 0 is greedy) and how many prompts go in a batch.
     `shard=(rank, world_size)` generates only the batches
     b with b % world_size == rank (None for the other prompts): batches and their seeds are the
     same for any world size, so the shards gathered equal a single-process generation.
@@ -65,7 +61,7 @@ def generate_responses(
     rank, world_size = (0, 1) if zero3 else shard
     done = _read_progress(progress_path) if progress_path else {}
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + sampling.batch_size] for i in range(0, len(order), sampling.batch_size)]
     mine = [(b, batch) for b, batch in enumerate(batches) if b % world_size == rank]
     pending = [(b, batch) for b, batch in mine if not all(i in done for i in batch)]
 
@@ -80,7 +76,7 @@ def generate_responses(
             for batch_index, batch in pending:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed * 1_000_003 + batch_index)
-                    outputs = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, temperature, top_k, top_p, zero3)
+                    outputs = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], sampling, zero3)
                 for i, generated in zip(batch, outputs):
                     done[i] = generated
                     new_tokens += generated.num_tokens
@@ -122,7 +118,7 @@ def _without_model_logits_processors(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float, synced_gpus: bool):
+def _generate_batch(model, tokenizer, prompts: list[list[int]], sampling: SamplingSettings, synced_gpus: bool) -> list[Generated]:
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
@@ -133,11 +129,11 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
     # sampling happens in the processor list; generate() itself only takes the argmax (see Sampler)
-    sampler = Sampler(temperature, top_k, top_p, eos_token_id=eos_id)
+    sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, eos_token_id=eos_id)
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=sampling.max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         use_cache=True,

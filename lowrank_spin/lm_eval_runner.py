@@ -1,6 +1,6 @@
 """Evaluate a saved adapter (`runs/x/iter_<t>`) with EleutherAI's lm-evaluation-harness, offline.
 
-    python -m lowrank_spin.lm_eval_runner --base smollm2-135m-instruct --adapter runs/x/iter_1 \
+    lowrank-spin lm-eval --base smollm2-135m-instruct --adapter runs/x/iter_1 \
         --test-jsonl runs/x/data/test.jsonl [--limit N]
 
 The base loads through lm_eval's `hf` model with `peft=` (float32, CPU) and answers the local
@@ -60,8 +60,9 @@ def evaluate_adapter(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lowrank_spin.lm_eval_runner", description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    """`lowrank-spin lm-eval`: evaluate one adapter (or the bare base) and print the result as JSON."""
+    parser = argparse.ArgumentParser(prog="lowrank-spin lm-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="base model: local folder, hub id or embedded name")
     parser.add_argument("--adapter", default=None, help="adapter folder, e.g. runs/x/iter_1 (omit for the bare base)")
     parser.add_argument("--test-jsonl", required=True, help="the run's test split, e.g. runs/x/data/test.jsonl")
@@ -82,6 +83,3 @@ def _import_lm_eval():
         ) from error
     return lm_eval
 
-
-if __name__ == "__main__":
-    main()

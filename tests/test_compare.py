@@ -7,9 +7,9 @@ import json
 import os
 
 import pytest
+from test_cli import TINY
 
 from lowrank_spin.cli import main
-from test_cli import TINY
 
 
 @pytest.mark.slow
@@ -49,12 +49,11 @@ def test_arms_share_one_w_and_b_group_and_the_before_evaluation(tmp_path, monkey
         if not (run_dir / "results.json").exists():
             (run_dir / "results.json").write_text(json.dumps([{"iteration": -1, "accuracy": 0.25}]))
 
-    monkeypatch.setattr("lowrank_spin.cli.build_cli", fake_fit)
     monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
-    compare.run_arms(TINY, tmp_path / "out", ["sft", "spin"], [1.0, 0.5], None, [])
+    compare.run_arms(fake_fit, TINY, tmp_path / "out", ["sft", "spin"], [1.0, 0.5], None, [])
     assert [(group, name) for group, name, _, _ in seen] == [("out", "sft_100pct"), ("out", "spin_100pct"), ("out", "sft_50pct"), ("out", "spin_50pct")]
     assert [seeded for *_, seeded in seen] == [False, True, True, True], "only the first arm evaluates the initial model"
     assert json.loads((tmp_path / "out" / "spin_50pct" / "results.json").read_text()) == [{"iteration": -1, "accuracy": 0.25}]
-    every_iteration = ["--data.eval_every_iteration" in args for _, _, args, _ in seen]
+    every_iteration = ["--data.evaluation.every_iteration" in args for _, _, args, _ in seen]
     assert every_iteration == [False, False, True, True]
     assert "WANDB_RUN_GROUP" not in os.environ, "the environment is restored"

@@ -8,11 +8,10 @@ import os
 import pkgutil
 
 import pytest
-
-import lowrank_spin
 from conftest import REPO
 from lightning.pytorch.strategies import StrategyRegistry
 
+import lowrank_spin
 from lowrank_spin.cli import SelfPlayCLI, build_cli
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -33,8 +32,8 @@ def test_config_parses_and_validates(config, monkeypatch):
     if "accelerator: gpu" in text:
         # The GPU recipe: model and data are built and validated as on the machine it is for; the
         # trainer itself needs CUDA, so only its strategy name is checked against Lightning's registry.
-        monkeypatch.setattr("lowrank_spin.validation._flash_attention_errors", lambda: [])
-        monkeypatch.setattr("lowrank_spin.validation._paged_optimizer_errors", lambda name: [])
+        monkeypatch.setattr("lowrank_spin.settings._flash_attention_errors", lambda: [])
+        monkeypatch.setattr("lowrank_spin.settings._paged_optimizer_errors", lambda name, prefix: [])
         monkeypatch.setattr(SelfPlayCLI, "instantiate_trainer", lambda self, **kwargs: None)
     cli = build_cli(["--config", config], run=False)
     strategy = cli.config["trainer"]["strategy"]

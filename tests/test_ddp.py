@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_cli import TINY
 
 

@@ -16,11 +16,11 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import REPO
-from lowrank_spin.cli import build_cli
+from safetensors.torch import load_file
 from test_cli import TINY
+
+from lowrank_spin.cli import build_cli
 
 pytest.importorskip("deepspeed")
 CPU_DEEPSPEED = "deepspeed_cpu.CPUDeepSpeedStrategy"
@@ -98,7 +98,7 @@ def test_deepspeed_strategies_are_selected_from_the_config(cache_dir):
 
 
 def test_4bit_base_under_zero3_is_refused_before_any_work(tmp_path, cache_dir):
-    from lowrank_spin.validation import ConfigError
+    from lowrank_spin.settings import ConfigError
 
     with pytest.raises(ConfigError, match="model.load_in_4bit: bitsandbytes 4-bit weights are not partitioned by ZeRO-3"):
         build_cli(["fit", "--config", TINY, "--model.load_in_4bit", "true", "--trainer.strategy", CPU_DEEPSPEED,

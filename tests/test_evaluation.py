@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
-
 from conftest import randomize_lora
+
 from lowrank_spin import evaluation, models
-from lowrank_spin.data import Collator, render_prompt, response_ids
+from lowrank_spin.batching import Collator
+from lowrank_spin.data.chat import render_prompt, response_ids
 from lowrank_spin.generation import Generated
+from lowrank_spin.settings import LoRASettings, SamplingSettings
 
 
 def _examples(tokenizer):
@@ -22,7 +22,7 @@ def _examples(tokenizer):
 
 
 def test_gold_nll_equals_unbatched_direct_computation(tiny_model_dir, tokenizer):
-    model = models.attach_lora(models.load_base_model(tiny_model_dir), lora_rank=4)
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
     randomize_lora(model)
     examples = _examples(tokenizer)
     total, tokens = evaluation.gold_nll(model, examples, Collator(tokenizer.pad_token_id, ("real",)), batch_size=2)
@@ -45,8 +45,9 @@ def test_accuracy_per_step_and_interval(tokenizer, monkeypatch):
     monkeypatch.setattr(evaluation, "generate_responses", lambda *a, **k: (answers, {}))
     monkeypatch.setattr(evaluation, "gold_nll", lambda *a, **k: (6.0, 3))
 
-    module = types.SimpleNamespace(model=None, tokenizer=tokenizer)
-    metrics, samples = evaluation.evaluate(module, _examples(tokenizer), check_answers=True, batch_size=2, max_new_tokens=8)
+    metrics, samples = evaluation.evaluate(
+        None, tokenizer, _examples(tokenizer), check_answers=True, sampling=SamplingSettings(batch_size=2), max_new_tokens=8
+    )
     assert metrics["accuracy"] == 0.5
     assert metrics["accuracy_1_steps"] == 1.0 and metrics["accuracy_2_steps"] == 0.0
     assert metrics["nll"] == 2.0 and metrics["generated_tokens"] == 8.0 and metrics["unfinished_fraction"] == 0.5

@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
-from lowrank_spin import math_task, models
+from lowrank_spin import models
+from lowrank_spin.embedded import task
 from lowrank_spin.lm_eval_tasks import TASK, task_dir
+from lowrank_spin.settings import LoRASettings
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -28,9 +30,9 @@ def test_evaluate_adapter_on_saved_adapter(cache_dir, tmp_path, monkeypatch, one
 
     monkeypatch.chdir(tmp_path)  # lm_eval asks git for a commit hash in the working directory: not the repo's
     path = models.resolve_model_path(models.TINY_LLAMA, cache_dir)
-    model = models.attach_lora(models.load_base_model(path), lora_rank=4, lora_alpha=8)
+    model = models.attach_lora(models.load_base_model(path), LoRASettings(rank=4, alpha=8))
     adapter = models.save_adapter(model, tmp_path / "iter_0")
-    math_task.write_jsonl(math_task.make_splits(4, 0, 4, seed=0)["test"], tmp_path / "test.jsonl")
+    task.write_jsonl(task.make_splits(4, 0, 4, seed=0)["test"], tmp_path / "test.jsonl")
 
     result = evaluate_adapter(path, str(adapter), str(tmp_path / "test.jsonl"), limit=4)
 
@@ -43,16 +45,16 @@ def test_task_scores_with_the_package_checker(tmp_path):
     """The task as lm_eval loads it from `task_dir`: data from the jsonl, `!function utils.process_results`."""
     from lm_eval.tasks import TaskManager
 
-    problem = math_task.MathProblem("What is 12 + 7?", "12 + 7 = 19.\nThe answer is 19.", 19, 1, "hand")
-    math_task.write_jsonl([problem], tmp_path / "test.jsonl")
+    problem = task.MathProblem("What is 12 + 7?", "12 + 7 = 19.\nThe answer is 19.", 19, 1, "hand")
+    task.write_jsonl([problem], tmp_path / "test.jsonl")
     include = task_dir(str(tmp_path / "test.jsonl"), str(tmp_path / "tasks"))
-    task = TaskManager(include_path=include, include_defaults=False).load([TASK])["tasks"][TASK]
-    (doc,) = list(task.test_docs())
+    lm_eval_task = TaskManager(include_path=include, include_defaults=False).load([TASK])["tasks"][TASK]
+    (doc,) = list(lm_eval_task.test_docs())
 
     assert doc == problem.to_record()
-    assert task.process_results(doc, ["12 + 7 = 19.\nThe final answer is **19**."]) == {"exact_match": 1.0}
-    # The answer phrase wins over the last number, as in math_task.extract_answer.
-    assert task.process_results(doc, ["12 + 7 = 21.\nThe answer is 21, not 19."]) == {"exact_match": 0.0}
+    assert lm_eval_task.process_results(doc, ["12 + 7 = 19.\nThe final answer is **19**."]) == {"exact_match": 1.0}
+    # The answer phrase wins over the last number, as in task.extract_answer.
+    assert lm_eval_task.process_results(doc, ["12 + 7 = 21.\nThe answer is 21, not 19."]) == {"exact_match": 0.0}
 
 
 def test_task_dir_needs_an_existing_file(tmp_path):

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from lowrank_spin.losses import IGNORE_INDEX, LOSS_TYPES, sequence_logps, sft_loss, shared_prompt_logps, spin_loss, tspin_loss
+from lowrank_spin.batching import IGNORE_INDEX, sequence_logps
+from lowrank_spin.losses import sft_loss, spin_loss, tspin_loss
+from lowrank_spin.settings import LOSS_TYPES
 
 
 def t(*values):
@@ -84,23 +86,6 @@ def test_unknown_loss_type_raises():
         spin_loss(t(0.0), t(0.0), t(0.0), t(0.0), loss_type="sigmoid")
 
 
-def test_sequence_logps_masks_prompt_and_padding():
-    """Vocab 3, uniform logits except where set: the response tokens at positions 2 and 3 are scored
-    by the logits at positions 1 and 2; the prompt (0, 1) and padding (4) are ignored."""
-    logits = torch.zeros(1, 5, 3)
-    logits[0, 1] = torch.tensor([0.0, math.log(2.0), 0.0])  # p(token 1) = 2/4
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 1, 2, IGNORE_INDEX]])
-    summed = sequence_logps(logits, labels)
-    expected = math.log(0.5) + math.log(1 / 3)
-    assert summed.item() == pytest.approx(expected, rel=1e-6)
-    assert sequence_logps(logits, labels, average=True).item() == pytest.approx(expected / 2, rel=1e-6)
-
-
-def test_sequence_logps_of_empty_response_is_zero():
-    labels = torch.full((2, 4), IGNORE_INDEX)
-    assert torch.equal(sequence_logps(torch.randn(2, 4, 5), labels, average=True), torch.zeros(2))
-
-
 def test_sft_loss_is_mean_token_nll():
     logits = torch.randn(2, 6, 7)
     labels = torch.tensor([[IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 4, 5, 6, 0]])
@@ -108,21 +93,3 @@ def test_sft_loss_is_mean_token_nll():
     assert sft_loss(logits, labels).item() == pytest.approx((-sequence_logps(logits, labels).sum() / tokens).item(), rel=1e-5)
 
 
-def test_shared_prompt_logps_by_hand():
-    """One row [p0, p1, a0, b0, b1] with responses a = [a0] and b = [b0, b1] after prompt [p0, p1]:
-    position 1 (the last prompt token) predicts a0 and b0, position 3 (b0) predicts b1. Vocabulary of
-    2 with logits (0, ln 3) at every position: log p(token 0) = ln 1/4, log p(token 1) = ln 3/4."""
-    I = IGNORE_INDEX
-    logits = torch.tensor([[0.0, math.log(3)]]).expand(5, 2).unsqueeze(0)
-    targets = torch.tensor([[[I, 1, I, I, I]], [[I, 0, I, 1, I]]])  # [K=2, batch=1, seq=5]
-    summed = shared_prompt_logps(logits, targets)
-    assert summed.tolist() == pytest.approx([math.log(3 / 4), math.log(1 / 4) + math.log(3 / 4)])
-    averaged = shared_prompt_logps(logits, targets, average=True)
-    assert averaged.tolist() == pytest.approx([math.log(3 / 4), (math.log(1 / 4) + math.log(3 / 4)) / 2])
-
-
-def test_shared_prompt_logps_of_empty_response_is_zero():
-    targets = torch.full((2, 3, 4), IGNORE_INDEX)
-    targets[0, :, 1] = 0
-    logps = shared_prompt_logps(torch.randn(3, 4, 5), targets, average=True)
-    assert logps.shape == (6,) and torch.equal(logps[3:], torch.zeros(3))

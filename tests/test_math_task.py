@@ -1,11 +1,16 @@
+import copy
+import hashlib
 import json
 import re
 from collections import Counter
+from importlib import resources
+from pathlib import Path
 
 import pytest
+import yaml
 
-from lowrank_spin import math_task
-from lowrank_spin.math_task import (
+from lowrank_spin.embedded import task
+from lowrank_spin.embedded.task import (
     ANSWER_PREFIX,
     MathProblem,
     extract_answer,
@@ -110,8 +115,8 @@ def test_at_least_25_templates_used():
     sample = make_splits(2000, 0, 0, seed=0)["train"]
     used = Counter(p.template for p in sample)
     assert len(used) >= 25, sorted(used)
-    assert len(used) == len(math_task._TEMPLATES)  # every template is reachable
-    assert {t.num_steps for t in math_task._TEMPLATES} == {1, 2, 3}
+    assert len(used) == len(task._templates())  # every template is reachable
+    assert {t.num_steps for t in task._templates()} == {1, 2, 3}
 
 
 def test_to_record_keys(splits):
@@ -174,13 +179,17 @@ def test_non_int_sizes_are_all_reported():
 def test_too_many_problems_names_the_argument(monkeypatch):
     # Shrink the generator to two distinct prompts per step count.
     def toy(steps):
-        def build(rng):
-            k = rng.randint(1, 2)
-            return f"Q{steps}-{k}?", [f"{k} + 0 = {k}."] * steps, k
+        return {
+            "name": f"toy{steps}",
+            "num_steps": steps,
+            "draws": [{"k": {"randint": [1, 2]}}],
+            "prompt": f"Q{steps}-{{k}}?",
+            "steps": ["{k} + 0 = {k}."] * steps,
+            "answer": "k",
+        }
 
-        return math_task._Template(f"toy{steps}", steps, build)
-
-    monkeypatch.setattr(math_task, "_TEMPLATES", [toy(1), toy(2), toy(3)])
+    toys = task._load_templates({"pools": {}, "templates": [toy(1), toy(2), toy(3)]})
+    monkeypatch.setattr(task, "_templates", lambda: toys)
     assert len(make_splits(0, 0, 6)["test"]) == 6  # exactly the capacity
     with pytest.raises(ValueError, match="num_train"):
         make_splits(3, 0, 4)  # test (steps 1,2,3,1) uses both one-step prompts
@@ -203,3 +212,135 @@ def test_default_sizes_are_fast():
     start = time.perf_counter()
     make_splits(2000, 200, 500, seed=0)
     assert time.perf_counter() - start < 2.0
+
+
+# --------------------------------------------------------------------------
+# Templates as data: the YAML file and its interpreter
+# --------------------------------------------------------------------------
+
+GOLDEN = Path(__file__).parent / "fixtures" / "math_splits_golden.json"
+
+
+def _records(splits):
+    return [p.to_record() for split in ("train", "validation", "test") for p in splits[split]]
+
+
+def _sha256(records):
+    return hashlib.sha256(json.dumps(records, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def test_matches_the_golden_output_of_the_templates_as_code():
+    # Written from the old lowrank_spin.math_task (templates as Python functions); the YAML
+    # templates must reproduce it byte for byte: same draws, same order, same text.
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    full = golden["records"]
+    sizes = (full["num_train"], full["num_val"], full["num_test"], full["seed"])
+    assert _records(make_splits(*sizes)) == full["records"]
+    assert len(golden["hashes"]) == 6
+    for case in golden["hashes"]:
+        sizes = (case["num_train"], case["num_val"], case["num_test"], case["seed"])
+        assert _sha256(_records(make_splits(*sizes))) == case["sha256"], sizes
+
+
+def _yaml_templates():
+    text = resources.files("lowrank_spin.embedded").joinpath("math_templates.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)["templates"]
+
+
+def test_every_yaml_template_is_loaded_in_order_and_used():
+    names = [entry["name"] for entry in _yaml_templates()]
+    assert [t.name for t in task._templates()] == names
+    used = {p.template for p in make_splits(2000, 0, 0, seed=0)["train"]}
+    assert used == set(names)
+
+
+def _toy_data():
+    """A minimal valid template file; tests break one entry at a time."""
+
+    def entry(name, steps):
+        return {
+            "name": name,
+            "num_steps": steps,
+            "draws": [
+                {"n": {"person": "PEOPLE"}},
+                {"m": {"person": "PEOPLE", "avoid": "n"}},
+                {"a": {"randint": [2, 9]}},
+                {"b": {"randint": [1, "a - 1"]}},
+            ],
+            "prompt": "{n} has {a}, gives {b} to {m}. {{braces}}",
+            "steps": ["{a} - {b} = {a - b}."] * steps,
+            "answer": "a - b",
+        }
+
+    return {
+        "pools": {"PEOPLE": [["Ann", "she"], ["Bo", "he"]], "FRUITS": ["apples", "pears"]},
+        "templates": [entry("bad", 1), entry("two", 2), entry("three", 3)],
+    }
+
+
+def _broken(**changes):
+    data = _toy_data()
+    data["templates"][0].update(copy.deepcopy(changes))
+    return data
+
+
+def test_toy_template_file_loads_and_samples():
+    templates = task._load_templates(_toy_data())
+    problem = templates[0].sample(__import__("random").Random(0))
+    assert problem.prompt.endswith("{braces}") and problem.template == "bad"
+    assert {"Ann", "Bo"} == {word.rstrip(".,") for word in problem.prompt.split() if word[0] in "AB"}
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"draws": [{"a": {"rnadint": [1, 2]}}]}, r"unknown draw kind \('rnadint'\)"),
+        ({"draws": [{"a": {"randint": [1, 2], "choice": "FRUITS"}}]}, r"unknown draw kind"),
+        ({"draws": [{"b": {"randint": [1, "a"]}}, {"a": {"randint": [1, 3]}}]}, r"'a' is used before it is drawn"),
+        ({"answer": "a + zz"}, r"answer: 'zz' is used before it is drawn"),
+        ({"prompt": "{n} has {apples}."}, r"prompt field \{apples\}: 'apples' is used before it is drawn"),
+        ({"draws": [{"a": "1"}, {"a": "2"}]}, r"'a' is drawn twice"),
+        ({"draws": [{"FRUITS": "1"}]}, r"'FRUITS' is a pool or function name"),
+        ({"draws": [{"p": {"person": "FRUITS"}}]}, r"person needs the name of a \[name, he\|she\] pool"),
+        ({"draws": [{"redraw": [{"a": {"randint": [1, 3]}}]}]}, r"a redraw block is"),
+        ({"steps": ["one.", "two."]}, r"'steps' must list exactly num_steps=1"),
+        ({"num_steps": 4}, r"'num_steps' must be 1, 2 or 3"),
+        ({"prompt": "{a"}, r"unmatched '\{'"),
+        ({"colour": "red"}, r"unknown keys \['colour'\]"),
+        # Nothing outside the small expression language gets through: no eval, no attributes, no **.
+        ({"answer": "__import__('os').getcwd()"}, r"unknown function \"__import__\('os'\).getcwd\""),
+        ({"answer": "eval('1')"}, r"unknown function 'eval'"),
+        ({"answer": "a.__class__"}, r"unknown field .__class__"),
+        ({"answer": "a ** 3"}, r"unsupported syntax \(BinOp\)"),
+        ({"answer": "a / 2"}, r"unsupported syntax \(BinOp\)"),
+        ({"answer": "lambda: 1"}, r"unsupported syntax \(Lambda\)"),
+        ({"answer": "1.5"}, r"only whole numbers and strings"),
+    ],
+)
+def test_malformed_template_names_the_template(changes, message):
+    with pytest.raises(ValueError, match=r"math template 'bad'.*" + message):
+        task._load_templates(_broken(**changes))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"answer": "b - a"}, r"the answer must be a whole number >= 0"),
+        ({"draws": [{"a": {"randint": [5, 1]}}]}, r"draw 'a': .*empty range"),
+        ({"draws": [{"a": "0"}], "answer": "3 // a", "steps": ["{a}"]}, r"answer: '3 // a': .*division"),
+        ({"draws": [{"a": "'x' + 1"}], "answer": "1", "steps": ["{a}"]}, r"expected a whole number"),
+        ({"draws": [{"a": {"choice": "[f for f in FRUITS if f == 'kiwi']"}}], "answer": "1", "steps": ["{a}"]},
+         r"draw 'a'.*empty sequence"),
+    ],
+)
+def test_template_failing_while_sampling_names_the_template(changes, message):
+    (bad, *_) = task._load_templates(_broken(**changes))
+    with pytest.raises(ValueError, match=r"math template 'bad'.*" + message):
+        bad.sample(__import__("random").Random(0))
+
+
+def test_template_file_needs_every_step_count():
+    data = _toy_data()
+    del data["templates"][2]
+    with pytest.raises(ValueError, match=r"no template has num_steps \[3\]"):
+        task._load_templates(data)

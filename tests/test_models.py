@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import chat_batch, randomize_lora
 from peft import PeftModel
 
-from conftest import chat_batch, randomize_lora
 from lowrank_spin import models
+from lowrank_spin.batching import sequence_logps
 from lowrank_spin.generation import generate_responses
-from lowrank_spin.losses import sequence_logps
+from lowrank_spin.settings import LoRASettings, SamplingSettings
 
 PROMPTS = ["What is 12 + 7?", "Tom has 3 apples and buys 4 more. How many apples does he have?"]
 RESPONSES = ["12 + 7 = 19.\nThe answer is 19.", "3 + 4 = 7.\nThe answer is 7."]
@@ -31,7 +32,7 @@ def _dequantized_reference(tiny_model_dir, quantized):
     """The same LoRA model over a plain float32 base whose weights are the nf4 weights dequantized."""
     import bitsandbytes.functional as bnbf
 
-    reference = models.attach_lora(models.load_base_model(tiny_model_dir, dtype="float32"), lora_rank=4, lora_alpha=8)
+    reference = models.attach_lora(models.load_base_model(tiny_model_dir, dtype="float32"), LoRASettings(rank=4, alpha=8))
     quantized_modules = dict(quantized.named_modules())
     with torch.no_grad():
         for name, module in reference.named_modules():
@@ -45,7 +46,7 @@ def _dequantized_reference(tiny_model_dir, quantized):
 @pytest.fixture()
 def quantized_and_reference(tiny_model_dir):
     quantized = models.attach_lora(
-        models.load_base_model(tiny_model_dir, load_in_4bit=True, compute_dtype="float32"), lora_rank=4, lora_alpha=8
+        models.load_base_model(tiny_model_dir, load_in_4bit=True, compute_dtype="float32"), LoRASettings(rank=4, alpha=8)
     )
     randomize_lora(quantized)
     return quantized, _dequantized_reference(tiny_model_dir, quantized)
@@ -66,7 +67,7 @@ def test_4bit_lora_gradients_match_dequantized_reference_after_generation(quanti
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
         _assert_grads_match(quantized, reference, batch)
-        generate_responses(quantized, tokenizer, [batch["input_ids"][0, :10].tolist()], max_new_tokens=4)
+        generate_responses(quantized, tokenizer, [batch["input_ids"][0, :10].tolist()], SamplingSettings(max_new_tokens=4))
         with torch.no_grad():  # a validation-style forward too
             quantized.eval()
             quantized(input_ids=batch["input_ids"])
@@ -82,7 +83,7 @@ def test_every_4bit_layer_has_cpu_repack_disabled(tiny_model_dir):
 
 @pytest.mark.parametrize("load_in_4bit", [False, True])
 def test_training_changes_every_lora_parameter_and_no_base_parameter(tiny_model_dir, tokenizer, load_in_4bit):
-    model = models.attach_lora(models.load_base_model(tiny_model_dir, load_in_4bit=load_in_4bit), lora_rank=4, lora_alpha=8)
+    model = models.attach_lora(models.load_base_model(tiny_model_dir, load_in_4bit=load_in_4bit), LoRASettings(rank=4, alpha=8))
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     policy_before = {n: p.detach().clone() for n, p in models.lora_parameters(model).items()}
     opponent_before = {n: p.detach().clone() for n, p in models.lora_parameters(model, models.OPPONENT).items()}
@@ -109,7 +110,7 @@ def _logps(model, batch):
 
 
 def test_toggled_opponent_reproduces_previous_policy_exactly(tiny_model_dir, tokenizer):
-    model = models.attach_lora(models.load_base_model(tiny_model_dir), lora_rank=4, lora_alpha=8)
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4, alpha=8))
     randomize_lora(model)
     batch = chat_batch(tokenizer, PROMPTS, RESPONSES)
     previous_policy = _logps(model, batch)
@@ -128,7 +129,7 @@ def test_opponent_with_adapters_disabled_is_the_base(tiny_model_dir, tokenizer):
     base = models.load_base_model(tiny_model_dir)
     batch = chat_batch(tokenizer, PROMPTS, RESPONSES)
     base_logps = _logps(base, batch)
-    model = models.attach_lora(base, lora_rank=4, lora_alpha=8)
+    model = models.attach_lora(base, LoRASettings(rank=4, alpha=8))
     randomize_lora(model)
     assert not torch.equal(_logps(model, batch), base_logps)
     with models.opponent(model, adapters_disabled=True):
@@ -136,7 +137,7 @@ def test_opponent_with_adapters_disabled_is_the_base(tiny_model_dir, tokenizer):
 
 
 def test_saved_adapter_loads_with_peft(tiny_model_dir, tokenizer, tmp_path):
-    model = models.attach_lora(models.load_base_model(tiny_model_dir), lora_rank=4, lora_alpha=8)
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4, alpha=8))
     randomize_lora(model)
     batch = chat_batch(tokenizer, PROMPTS, RESPONSES)
     expected = _logps(model, batch)
@@ -148,7 +149,7 @@ def test_saved_adapter_loads_with_peft(tiny_model_dir, tokenizer, tmp_path):
     loaded = PeftModel.from_pretrained(models.load_base_model(tiny_model_dir), tmp_path / "iter_0")
     torch.testing.assert_close(_logps(loaded, batch), expected)
     # and as the initial adapter of a new run (e.g. SPIN after SFT)
-    resumed = models.attach_lora(models.load_base_model(tiny_model_dir), init_adapter=str(tmp_path / "iter_0"))
+    resumed = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(init_adapter=str(tmp_path / "iter_0")))
     torch.testing.assert_close(_logps(resumed, batch), expected)
     with models.opponent(resumed):  # iteration 0 plays against the initial adapter, not the bare base
         torch.testing.assert_close(_logps(resumed, batch), expected)
@@ -183,54 +184,6 @@ def test_gradient_check_catches_the_repack_trap(quantized_and_reference, tokeniz
     with pytest.raises((AssertionError, UserWarning)), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
         _assert_grads_match(quantized, reference, batch)
-
-
-def test_response_logits_give_the_full_log_probs(tiny_model_dir, tokenizer):
-    """Skipping the shared prompt prefix in the lm_head changes no log-prob (prompts of different lengths)."""
-    model = models.attach_lora(models.load_base_model(tiny_model_dir), lora_rank=4)
-    randomize_lora(model)
-    batch = chat_batch(tokenizer, ["Hi?", "A much longer prompt than the first one?"], ["Hello.", "Yes."])
-    model.eval()
-    with torch.no_grad():
-        full = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
-        logits, labels = models.response_logits(model, batch)
-        trimmed = sequence_logps(logits, labels)
-    assert logits.shape[1] < batch["input_ids"].shape[1]
-    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-5)
-    first_row_only, _ = models.response_logits(model, batch, rows=slice(0, 1))
-    assert first_row_only.shape[0] == 1
-
-
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_shared_prompt_layout_gives_the_same_logps_and_gradients(tiny_model_dir, tokenizer, attn_implementation):
-    """Prompt once with a block mask vs one row per response: equal log-probs and LoRA gradients,
-    with prompts and responses of different lengths, padding, and an empty proto response."""
-    from lowrank_spin.data import Collator, SharedPromptCollator, render_prompt, response_ids
-
-    base = models.load_base_model(tiny_model_dir, attn_implementation=attn_implementation)
-    model = models.attach_lora(base, lora_rank=4)
-    randomize_lora(model)
-    texts = [("Hi?", "Hello.", "Hey there, friend.", ""), ("A much longer prompt than the first?", "Yes.", "No!", "Maybe so.")]
-    examples = [
-        {"prompt_ids": render_prompt(tokenizer, p), "real_ids": response_ids(tokenizer, r, True),
-         "generated_ids": response_ids(tokenizer, g, False), "proto_ids": tokenizer(y, add_special_tokens=False)["input_ids"]}
-        for p, r, g, y in texts
-    ]
-    responses = ("real", "generated", "proto")
-    results = {}
-    for name, collate in (("rows", Collator), ("shared", SharedPromptCollator)):
-        model.zero_grad()
-        logps = models.response_logps(model, collate(tokenizer.pad_token_id, responses)(examples), average=True)
-        (logps * torch.arange(1.0, 7.0)).sum().backward()  # a different weight per response
-        results[name] = logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    (rows, rows_grads), (shared, shared_grads) = results["rows"], results["shared"]
-    assert rows.shape == (6,) and rows[4] == 0  # [real_0, real_1, generated_0, generated_1, proto_0, proto_1]; proto_0 is empty
-    torch.testing.assert_close(shared, rows, rtol=1e-5, atol=1e-5)
-    assert rows_grads.keys() == shared_grads.keys() and rows_grads
-    for name in rows_grads:
-        torch.testing.assert_close(shared_grads[name], rows_grads[name], rtol=1e-3, atol=1e-5)
-    first_two = models.response_logps(model, SharedPromptCollator(tokenizer.pad_token_id, responses)(examples), num_responses=2)
-    assert first_two.shape == (4,)
 
 
 def test_lm_head_input_is_made_contiguous(tiny_model_dir):
@@ -276,7 +229,7 @@ def test_module_loads_the_auto_dtype_and_says_so(load_in_4bit, monkeypatch, tiny
     from lowrank_spin.module import SelfPlayLoRA
 
     monkeypatch.setattr(models, "cpu_bf16_flags", lambda: [])  # an AVX2-only CPU
-    module = SelfPlayLoRA(model_name_or_path=tiny_model_dir, load_in_4bit=load_in_4bit, lora_rank=4, lora_alpha=8)
+    module = SelfPlayLoRA(model_name_or_path=tiny_model_dir, load_in_4bit=load_in_4bit, lora=LoRASettings(rank=4, alpha=8))
     module.configure_model()
     field = "compute_dtype" if load_in_4bit else "dtype"
     assert f"model.{field}: float32 (auto: this CPU has no native bf16" in capsys.readouterr().out

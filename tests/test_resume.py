@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_cli import TINY
 
 # The tiny config: 16 prompts in generation batches of 8 (2 per iteration), 4 train steps per epoch.

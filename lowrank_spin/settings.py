@@ -1,0 +1,311 @@
+"""The typed setting groups of a run, each declared once, and every check of them in one place.
+
+Each group is a dataclass that the CLI shows as a nested YAML section (`model.lora.rank`,
+`data.sampling.temperature`, ...). Every check returns error strings that name their config field; the
+module and the DataModule raise them together (`raise_if_any`) before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+AUTO = "auto"  # a dtype chosen at run time from what the hardware runs fast (`models.choose_dtype`)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+OBJECTIVES = ("sft", "spin", "tspin")
+LOSS_TYPES = ("logistic", "hinge", "exponential", "correlation")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+OPTIMIZERS = ("adamw", "paged_adamw_8bit", "paged_adamw_32bit")  # paged: bitsandbytes, CUDA only
+EVAL_SPLITS = ("validation", "test")
+
+
+class ConfigError(ValueError):
+    """One error for all the bad fields of a config; `.errors` lists them."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def raise_if_any(errors: list[str]) -> None:
+    """Raise one ConfigError listing `errors`; returns None when there are none."""
+    if errors:
+        raise ConfigError(errors)
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """The trainable subspace Ω: LoRA on `target_modules` of the frozen base.
+
+    Args:
+        rank, alpha, dropout: LoRA's r, α (the update is scaled by α / r) and dropout.
+        target_modules: `all-linear` or a list of module names.
+        init_adapter: a peft adapter folder the policy starts from (e.g. an SFT-LoRA run's `iter_0`);
+            its own LoRA settings then replace these.
+    """
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    init_adapter: str | None = None
+
+    def errors(self, prefix: str = "model.lora") -> list[str]:
+        """Error strings for the bad fields (empty when all are fine)."""
+        errors = [f"{prefix}.{name}: must be > 0, got {value}" for name, value in (("rank", self.rank), ("alpha", self.alpha)) if value <= 0]
+        if not 0 <= self.dropout < 1:
+            errors.append(f"{prefix}.dropout: must be in [0, 1), got {self.dropout}")
+        if self.init_adapter is not None and not (Path(self.init_adapter).expanduser() / "adapter_config.json").is_file():
+            errors.append(f"{prefix}.init_adapter: {self.init_adapter!r} is not a peft adapter folder (no adapter_config.json)")
+        return errors
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """What the policy is trained to do (losses.py).
+
+    Args:
+        name: `sft` (NLL of the real response), `spin`, or `tspin`.
+        loss_type: SPIN's ℓ: logistic (default), hinge, exponential or correlation.
+        beta: SPIN's λ, a float or one value per iteration.
+        tspin_alpha, tspin_beta: T-SPIN's α (scale) and β (weight of the historical term).
+        nll_weight: optional NLL of the real response added to the spin/tspin loss (0 = off).
+        length_normalize: average instead of sum the response log-probs.
+        real_drift_warning: warn when, over an epoch, the policy's log-prob of the real responses fell
+            this many nats (mean) below the opponent's: the collapse users report (uclaml/SPIN#13).
+    """
+
+    name: str = "spin"
+    loss_type: str = "logistic"
+    beta: float | list[float] = 0.1
+    tspin_alpha: float = 1.0
+    tspin_beta: float = 0.1
+    nll_weight: float = 0.0
+    length_normalize: bool = False
+    real_drift_warning: float = 5.0
+
+    @property
+    def responses(self) -> tuple[str, ...]:
+        """The responses a training example of this objective holds, in batch order."""
+        return {"sft": ("real",), "spin": ("real", "generated"), "tspin": ("real", "generated", "proto")}[self.name]
+
+    def errors(self, num_iterations: int, prefix: str = "model.objective") -> list[str]:
+        """Error strings for the bad fields (empty when all are fine)."""
+        errors = []
+        if self.name not in OBJECTIVES:
+            errors.append(f"{prefix}.name: must be one of {OBJECTIVES}, got {self.name!r}")
+        if self.loss_type not in LOSS_TYPES:
+            errors.append(f"{prefix}.loss_type: must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        errors += per_iteration_errors(f"{prefix}.beta", self.beta, num_iterations)
+        if self.tspin_alpha <= 0:
+            errors.append(f"{prefix}.tspin_alpha: must be > 0, got {self.tspin_alpha}")
+        for name in ("tspin_beta", "nll_weight", "real_drift_warning"):
+            if getattr(self, name) < 0:
+                errors.append(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+        return errors
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """How the LoRA weights are stepped.
+
+    Args:
+        name: `adamw` (torch), or bitsandbytes' `paged_adamw_8bit` / `paged_adamw_32bit` (CUDA).
+        learning_rate: a float or one value per iteration.
+        weight_decay: AdamW's decoupled weight decay.
+    """
+
+    name: str = "adamw"
+    learning_rate: float | list[float] = 1e-4
+    weight_decay: float = 0.0
+
+    def errors(self, num_iterations: int, prefix: str = "model.optimizer") -> list[str]:
+        """Error strings for the bad fields (empty when all are fine)."""
+        errors = per_iteration_errors(f"{prefix}.learning_rate", self.learning_rate, num_iterations)
+        if self.weight_decay < 0:
+            errors.append(f"{prefix}.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.name not in OPTIMIZERS:
+            errors.append(f"{prefix}.name: must be one of {OPTIMIZERS}, got {self.name!r}")
+        elif self.name.startswith("paged"):
+            errors += _paged_optimizer_errors(self.name, prefix)
+        return errors
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the opponent's responses are drawn (`generation.Sampler`): the only place they are set.
+
+    Args:
+        temperature, top_k, top_p: softmax(logits / temperature) over the top_k most likely tokens
+            (0 = all; 50 is what transformers' generate() applied by default) within the nucleus top_p;
+            temperature 0 = greedy.
+        max_new_tokens: the longest response generated.
+        batch_size: prompts per generation batch (also for evaluation's greedy answers).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 16
+
+    def errors(self, prefix: str = "data.sampling") -> list[str]:
+        """Error strings for the bad fields (empty when all are fine)."""
+        errors = [f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}" for name in ("max_new_tokens", "batch_size") if getattr(self, name) < 1]
+        if self.temperature < 0:
+            errors.append(f"{prefix}.temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            errors.append(f"{prefix}.top_k: must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"{prefix}.top_p: must be in (0, 1], got {self.top_p}")
+        return errors
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What is evaluated at each iteration boundary (evaluation.py).
+
+    Args:
+        split: `validation` or `test` (a user dataset has no `test`: its validation split is used).
+        every_iteration: evaluate after every iteration (the default) or, to save time, only before the
+            first and after the last (the data-scarcity arms of `lowrank-spin compare`).
+        heldout_reward_pairs: how many evaluation prompts also score SPIN's reward accuracy/margin on
+            held-out (gold, opponent answer) pairs each iteration (two extra forwards per pair; 0 = off).
+        max_new_tokens: the longest greedy answer (default: `data.sampling.max_new_tokens`).
+    """
+
+    split: str = "validation"
+    every_iteration: bool = True
+    heldout_reward_pairs: int = 24
+    max_new_tokens: int | None = None
+
+    def errors(self, prefix: str = "data.evaluation") -> list[str]:
+        """Error strings for the bad fields (empty when all are fine)."""
+        errors = []
+        if self.split not in EVAL_SPLITS:
+            errors.append(f"{prefix}.split: must be one of {EVAL_SPLITS}, got {self.split!r}")
+        if self.heldout_reward_pairs < 0:
+            errors.append(f"{prefix}.heldout_reward_pairs: must be >= 0, got {self.heldout_reward_pairs}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            errors.append(f"{prefix}.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        return errors
+
+
+def per_iteration(value: float | list[float], iteration: int) -> float:
+    """`value` at `iteration`: a float is the same for all, a list holds one per iteration."""
+    return value[min(iteration, len(value) - 1)] if isinstance(value, (list, tuple)) else value
+
+
+def per_iteration_errors(field: str, value, num_iterations: int) -> list[str]:
+    """Errors of a float-or-list-per-iteration setting: the list's length, and every value > 0."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    errors = []
+    if isinstance(value, (list, tuple)) and len(values) != num_iterations:
+        errors.append(f"{field}: has {len(values)} values for {num_iterations} iterations (model.num_iterations)")
+    if any(v <= 0 for v in values):
+        errors.append(f"{field}: must be > 0, got {value}")
+    return errors
+
+
+def dtype_errors(field: str, value: str) -> list[str]:
+    """Errors of a dtype setting (`auto` or a dtype name)."""
+    return [] if value in (AUTO, *DTYPE_NAMES) else [f"{field}: must be one of {(AUTO, *DTYPE_NAMES)}, got {value!r}"]
+
+
+def model_path_errors(name_or_path: str, embedded: tuple[str, ...]) -> list[str]:
+    """Local folders are checked now; embedded names are built and hub ids fetched when the run starts."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path in embedded or not (path.exists() or name_or_path.startswith((".", "/", "~"))):
+        return []
+    field = "model.model_name_or_path"
+    if not path.is_dir():
+        return [f"{field}: folder {str(path)!r} does not exist"]
+    if not (path / "config.json").is_file():
+        return [f"{field}: {str(path)!r} has no config.json (not a Hugging Face model folder)"]
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return [f"{field}: {str(path)!r} has no tokenizer (tokenizer.json / tokenizer_config.json)"]
+    config = path / "tokenizer_config.json"
+    has_template = (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file() or (
+        config.is_file() and "chat_template" in config.read_text()
+    )
+    if not has_template:
+        return [f"{field}: the tokenizer in {str(path)!r} has no chat template; prompts are rendered with it"]
+    return []
+
+
+def attention_errors(attn_implementation: str, require_flash_attention: bool) -> list[str]:
+    """Errors of the attention settings; flash_attention_2 is checked only when it is required."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        return [f"model.attn_implementation: must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}"]
+    if attn_implementation == "flash_attention_2" and require_flash_attention:
+        return _flash_attention_errors()
+    return []
+
+
+def attention_implementation(requested: str) -> str:
+    """What to load the model with: flash_attention_2 falls back to sdpa, with a warning, where it
+    cannot run (`model.require_flash_attention` makes that an error in `attention_errors` instead)."""
+    if requested == "flash_attention_2":
+        problems = _flash_attention_errors()
+        if problems:
+            warnings.warn(f"{problems[0]}; falling back to sdpa (set model.require_flash_attention to make this an error)", stacklevel=2)
+            return "sdpa"
+    return requested
+
+
+def quantization_errors(load_in_4bit: bool) -> list[str]:
+    """4-bit loading needs bitsandbytes."""
+    if load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        return ["model.load_in_4bit: needs bitsandbytes (pip install bitsandbytes) or set it to false"]
+    return []
+
+
+def deepspeed_errors(zero_stage_3: bool, load_in_4bit: bool, optimizer: str) -> list[str]:
+    """What DeepSpeed cannot combine with: a 4-bit base under ZeRO-3, an optimizer of our own."""
+    errors = []
+    if zero_stage_3 and load_in_4bit:
+        errors.append(
+            "model.load_in_4bit: bitsandbytes 4-bit weights are not partitioned by ZeRO-3 here; use "
+            "trainer.strategy deepspeed_stage_2 or ddp (a 4-bit 7B base fits one 24 GB GPU), or a bf16 base"
+        )
+    if optimizer != "adamw":
+        errors.append(f"model.optimizer.name: {optimizer} is not supported under DeepSpeed (which shards the optimizer itself); use adamw")
+    return errors
+
+
+def output_dir_errors(root: str) -> list[str]:
+    """The run directory must be writable before hours of generation are spent."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        return [f"trainer.default_root_dir: {root!r} is not writable ({err.strerror})"]
+    return []
+
+
+def _paged_optimizer_errors(name: str, prefix: str) -> list[str]:
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [f"{prefix}.name: {name} needs bitsandbytes (pip install bitsandbytes)"]
+    if not torch.cuda.is_available():
+        return [f"{prefix}.name: {name} pages optimizer state between GPU and CPU memory and needs a CUDA GPU; use adamw"]
+    return []
+
+
+def _flash_attention_errors() -> list[str]:
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return ["model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install 'lowrank_spin[gpu]'); use sdpa"]
+    if not torch.cuda.is_available():
+        return ["model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa on this machine"]
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return [f"model.attn_implementation: flash_attention_2 needs an Ampere or newer GPU (compute capability 8.0+), found {major}.x"]
+    return []

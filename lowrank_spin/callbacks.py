@@ -54,7 +54,12 @@ class IterationBoundaries(L.Callback):
         if (trainer.current_epoch + 1) % module.hparams.epochs_per_iteration:
             return
         iteration = module.iteration
-        models.save_adapter(module.model, RunDir(trainer.default_root_dir).iteration(iteration), write=trainer.is_global_zero)
+        models.save_adapter(
+            module.model,
+            RunDir(trainer.default_root_dir).iteration(iteration),
+            write=trainer.is_global_zero,
+            base_model=models.portable_base_name(module.hparams.model_name_or_path),
+        )
         if trainer.is_global_zero:
             kill_point("adapter_saved")
         evaluate_now = iteration == module.hparams.num_iterations - 1 or trainer.datamodule.evaluation.every_iteration

@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lowrank_spin import compare, lm_eval_runner
 from lowrank_spin.data import SelfPlayDataModule
+from lowrank_spin.files import RunDir
 from lowrank_spin.module import SelfPlayLoRA
 from lowrank_spin.settings import deepspeed_errors, output_dir_errors, raise_if_any
 
@@ -64,6 +65,8 @@ class SelfPlayCLI(LightningCLI):
 
     def before_fit(self) -> None:
         errors = output_dir_errors(self.trainer.default_root_dir)
+        if self.config[self.subcommand].get("ckpt_path") is None:
+            errors += _previous_run_errors(self.trainer.default_root_dir)
         strategy = self.trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
             errors += deepspeed_errors(strategy.zero_stage_3, self.model.hparams.load_in_4bit, self.model.optimizer_settings.name)
@@ -73,6 +76,18 @@ class SelfPlayCLI(LightningCLI):
                 # Otherwise Lightning asks the train dataloader for its batch size before the model
                 # exists, and ours generates with the model.
                 strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.hparams.batch_size)
+
+
+def _previous_run_errors(root: str) -> list[str]:
+    """A new fit never reuses or overwrites what an earlier run left in its directory."""
+    found = RunDir(root).previous_run()
+    if not found:
+        return []
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    return [
+        f"trainer.default_root_dir: {root!r} already holds a run ({shown}); resume it with --ckpt_path last, "
+        "or give this run another --trainer.default_root_dir (nothing there was changed)"
+    ]
 
 
 def main(args: list[str] | None = None) -> None:

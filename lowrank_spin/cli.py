@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lowrank_spin import compare, lm_eval_runner
+from lowrank_spin.callbacks import format_results
 from lowrank_spin.data import SelfPlayDataModule
 from lowrank_spin.files import RunDir
 from lowrank_spin.module import SelfPlayLoRA
@@ -58,7 +59,9 @@ class SelfPlayCLI(LightningCLI):
                 # after IterationBoundaries has snapshotted the opponent (checkpoint callbacks run last),
                 # not at validation end, which comes before it
                 "checkpoint.save_on_train_epoch_end": True,
-                "checkpoint.save_top_k": 0,
+                # one checkpoint per iteration boundary, the latest kept: with 0, Lightning writes `last`
+                # only when a top-k checkpoint was saved in the same step, i.e. never at an epoch end
+                "checkpoint.save_top_k": 1,
                 "trainer.reload_dataloaders_every_n_epochs": 1,
             }
         )
@@ -76,6 +79,24 @@ class SelfPlayCLI(LightningCLI):
                 # Otherwise Lightning asks the train dataloader for its batch size before the model
                 # exists, and ours generates with the model.
                 strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.hparams.batch_size)
+
+    def fit(self, model, **kwargs) -> None:
+        """Lightning's fit, except that resuming a finished run reports it and does nothing (no stray
+        generation for an iteration past the last one)."""
+        root = self.trainer.default_root_dir
+        if kwargs.get("ckpt_path") is not None and _finished(root, model.hparams.num_iterations):
+            if self.trainer.is_global_zero:
+                print(f"{root}: the run is finished (iteration {model.hparams.num_iterations - 1} saved and evaluated); nothing to resume")
+                print(format_results(RunDir(root).read_results(), run_dir=root))
+            return
+        self.trainer.fit(model, **kwargs)
+
+
+def _finished(root: str, num_iterations: int) -> bool:
+    """Whether the run in `root` has saved and evaluated its last iteration."""
+    run_dir = RunDir(root)
+    last = num_iterations - 1
+    return last in run_dir.read_results() and (run_dir.iteration(last) / "adapter_model.safetensors").exists()
 
 
 def _previous_run_errors(root: str) -> list[str]:

@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -25,11 +26,11 @@ from lowrank_spin.settings import SamplingSettings
 
 @dataclass
 class Generated:
-    text: str
-    num_tokens: int  # new tokens before EOS
-    finished: bool  # False when max_new_tokens was hit before EOS
-    # The sampled tokens, closed with EOS when finished: what training scores (re-tokenising `text`
-    # need not give them back). None in progress files written before they were kept.
+    text: str  # decoded without the end-of-turn token
+    num_tokens: int  # new tokens before the end of turn
+    finished: bool  # False when max_new_tokens was hit before an end-of-turn token (`end_of_turn_ids`)
+    # The sampled tokens, closed with the end-of-turn token drawn when finished: what training scores
+    # (re-tokenising `text` need not give them back). None in progress files written before they were kept.
     token_ids: list[int] | None = None
     # log p(token_ids | prompt) under the generating model at temperature 1, summed over the tokens
     logp: float | None = None
@@ -49,6 +50,7 @@ def generate_responses(
     """Generate one response per prompt; returns them in prompt order, plus timing statistics.
 
     `sampling` says how (`Sampler`; temperature 0 is greedy) and how many prompts go in a batch.
+    A response ends at the first of `end_of_turn_ids(tokenizer, model's generation_config)` it draws.
     `shard=(rank, world_size)` generates only the batches
     b with b % world_size == rank (None for the other prompts): batches and their seeds are the
     same for any world size, so the shards gathered equal a single-process generation.
@@ -64,6 +66,7 @@ def generate_responses(
     batches = [order[i : i + sampling.batch_size] for i in range(0, len(order), sampling.batch_size)]
     mine = [(b, batch) for b, batch in enumerate(batches) if b % world_size == rank]
     pending = [(b, batch) for b, batch in mine if not all(i in done for i in batch)]
+    stop_ids = end_of_turn_ids(tokenizer, _inner_model(model).generation_config)
 
     was_training = model.training
     model.eval()
@@ -76,7 +79,7 @@ def generate_responses(
             for batch_index, batch in pending:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed * 1_000_003 + batch_index)
-                    outputs = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], sampling, zero3)
+                    outputs = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], sampling, stop_ids, zero3)
                 for i, generated in zip(batch, outputs):
                     done[i] = generated
                     new_tokens += generated.num_tokens
@@ -93,8 +96,63 @@ def generate_responses(
             log.close()
         model.train(was_training)
     seconds = time.perf_counter() - start
-    stats = {"seconds": seconds, "new_tokens": new_tokens, "tokens_per_second": new_tokens / max(seconds, 1e-9)}
+    stats = {"seconds": seconds, "new_tokens": new_tokens, "tokens_per_second": new_tokens / max(seconds, 1e-9), "batches": len(pending)}
     return [done.get(i) for i in range(len(prompt_ids))], stats
+
+
+def end_of_turn_ids(tokenizer, generation_config: GenerationConfig | None = None) -> list[int]:
+    """Every token id that ends an assistant turn, each once, in this order: the chat template's end of
+    turn (`<|eot_id|>` for Llama-3, `<end_of_turn>` Gemma, `<|end|>` Phi-3, `<|im_end|>` ChatML; none
+    when the template closes a reply with no special token), the tokenizer's EOS, and every id of
+    `generation_config.eos_token_id` (an int or a list).
+
+    A shipped generation_config need not list the template's end of turn (Llama-3's EOS is
+    `<|end_of_text|>`, which an instruct model does not draw after a reply), hence all three.
+    """
+    template = assistant_turn_end(tokenizer).token
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    ids = [tokenizer.convert_tokens_to_ids(template) if template else None, tokenizer.eos_token_id, *configured]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+class TurnEnd(NamedTuple):
+    """How a chat template closes an assistant reply: `closing` is its text after the reply up to and
+    including the first special token there, `token` (the end of turn; None, and `closing` "", when the
+    template puts none there), `rest` what follows it (ChatML's and Gemma's "\n", Phi-3's "\n<|endoftext|>")."""
+
+    closing: str
+    token: str | None
+    rest: str
+
+
+_REPLY_SENTINEL = "lowrank_spin_reply_sentinel"
+
+
+def assistant_turn_end(tokenizer, messages: list[dict] | None = None) -> TurnEnd:
+    """The `TurnEnd` of the chat template's assistant reply to `messages` (a one-question conversation
+    when None), read off the conversation rendered with a sentinel reply.
+
+    It lives here rather than with the rest of the chat rendering (`data.chat`) because generation, a
+    lower layer, stops on it.
+    """
+    messages = list(messages or [{"role": "user", "content": "Hi"}]) + [{"role": "assistant", "content": _REPLY_SENTINEL}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if _REPLY_SENTINEL not in text:
+        raise ValueError("the tokenizer's chat template does not render the assistant's reply; its end of turn cannot be found")
+    after = text[text.rindex(_REPLY_SENTINEL) + len(_REPLY_SENTINEL) :]
+    # The first added token the tokenizer finds there; whitespace ones (Gemma's "\n") are ordinary text.
+    markers = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.content.strip()}
+    token = next((markers[i] for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in markers), None)
+    if token is None:
+        return TurnEnd("", None, after)
+    end = after.index(token) + len(token)
+    return TurnEnd(after[:end], token, after[end:])
+
+
+def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (whose generation_config peft copies from it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @contextlib.contextmanager
@@ -106,7 +164,7 @@ def _without_model_logits_processors(model: torch.nn.Module):
     responses are drawn from and the log-probs the sampler records. Without them a response is the
     model's own sample under the temperature / top_k / top_p given here, as SPIN's opponent data is.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft copies it from there
+    inner = _inner_model(model)
     shipped = inner.generation_config
     inner.generation_config = GenerationConfig(
         bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id
@@ -118,9 +176,10 @@ def _without_model_logits_processors(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def _generate_batch(model, tokenizer, prompts: list[list[int]], sampling: SamplingSettings, synced_gpus: bool) -> list[Generated]:
+def _generate_batch(
+    model, tokenizer, prompts: list[list[int]], sampling: SamplingSettings, stop_ids: list[int], synced_gpus: bool
+) -> list[Generated]:
     pad_id = tokenizer.pad_token_id
-    eos_id = tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -129,13 +188,13 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], sampling: Sampli
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
     # sampling happens in the processor list; generate() itself only takes the argmax (see Sampler)
-    sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, eos_token_id=eos_id)
+    sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, eos_token_id=stop_ids)
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         max_new_tokens=sampling.max_new_tokens,
         pad_token_id=pad_id,
-        eos_token_id=eos_id,
+        eos_token_id=stop_ids,  # a row ends at any end of turn
         use_cache=True,
         synced_gpus=synced_gpus,  # ranks keep stepping until all have finished (ZeRO-3 collectives)
         do_sample=False,
@@ -143,11 +202,13 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], sampling: Sampli
     )
     results = []
     logps = sampler.logps.tolist() if sampler.logps is not None else [0.0] * len(prompts)  # None: no step ran
+    stops = set(stop_ids)
     for row, logp in zip(output[:, width:].tolist(), logps):
-        finished = eos_id in row
-        tokens = row[: row.index(eos_id)] if finished else row
+        end = next((i for i, token in enumerate(row) if token in stops), None)
+        finished = end is not None
+        tokens = row[:end] if finished else row
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        results.append(Generated(text, len(tokens), finished, tokens + [eos_id] if finished else tokens, logp))
+        results.append(Generated(text, len(tokens), finished, row[: end + 1] if finished else tokens, logp))
     return results
 
 
@@ -161,21 +222,23 @@ class Sampler(LogitsProcessor):
     rows x 49k tokens on a 2-core CPU, even though top-k leaves 50 candidates. Drawing among the top-k
     candidates only gives the same distribution for a few hundred variates.
 
-    With `eos_token_id`, `logps` also sums, per row, log p(drawn token) under the unmodified logits
-    (temperature 1, no top-k/top-p) up to and including the row's first EOS: the generating model's
-    log-prob of the response, which SPIN otherwise recomputes with a scoring forward.
+    With `eos_token_id` (one id or a list: every end of turn), `logps` also sums, per row, log p(drawn
+    token) under the unmodified logits (temperature 1, no top-k/top-p) up to and including the row's
+    first end-of-turn token: the generating model's log-prob of the response, which SPIN otherwise
+    recomputes with a scoring forward.
     """
 
-    def __init__(self, temperature: float, top_k: int = 50, top_p: float = 1.0, eos_token_id: int | None = None):
+    def __init__(self, temperature: float, top_k: int = 50, top_p: float = 1.0, eos_token_id: int | list[int] | None = None):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.eos_token_id = eos_token_id
+        self._stop_ids = None if eos_token_id is None else torch.tensor(eos_token_id, dtype=torch.long).reshape(-1)
         self.logps: torch.Tensor | None = None  # [batch] float64, once called
         self._finished: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float()
         chosen = logits.argmax(-1, keepdim=True) if self.temperature == 0 else self._draw(logits / self.temperature)
-        if self.eos_token_id is not None:
+        if self._stop_ids is not None:
             self._record(logits, chosen)
         return torch.full_like(logits, float("-inf")).scatter_(-1, chosen, 0.0)
 
@@ -198,8 +261,8 @@ class Sampler(LogitsProcessor):
             self.logps = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
             self._finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         token_logps = (logits.gather(-1, chosen) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
-        self.logps += token_logps.double().masked_fill(self._finished, 0.0)  # nothing after a row's EOS
-        self._finished |= chosen.squeeze(-1) == self.eos_token_id
+        self.logps += token_logps.double().masked_fill(self._finished, 0.0)  # nothing after a row's end of turn
+        self._finished |= torch.isin(chosen.squeeze(-1), self._stop_ids.to(chosen.device))
 
 
 def _read_progress(path: str | Path) -> dict[int, Generated]:

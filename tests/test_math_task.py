@@ -1,6 +1,7 @@
 import copy
 import hashlib
 import json
+import random
 import re
 from collections import Counter
 from importlib import resources
@@ -286,9 +287,10 @@ def _broken(**changes):
 
 def test_toy_template_file_loads_and_samples():
     templates = task._load_templates(_toy_data())
-    problem = templates[0].sample(__import__("random").Random(0))
-    assert problem.prompt.endswith("{braces}") and problem.template == "bad"
-    assert {"Ann", "Bo"} == {word.rstrip(".,") for word in problem.prompt.split() if word[0] in "AB"}
+    problem = templates[0].sample(random.Random(0))
+    giver, a, b, taker = re.fullmatch(r"(\w+) has (\d+), gives (\d+) to (\w+)\. \{braces\}", problem.prompt).groups()
+    assert {giver, taker} == {"Ann", "Bo"}  # avoid: never the same person twice
+    assert problem.answer == int(a) - int(b) > 0 and problem.template == "bad"
 
 
 @pytest.mark.parametrize(
@@ -327,16 +329,19 @@ def test_malformed_template_names_the_template(changes, message):
     [
         ({"answer": "b - a"}, r"the answer must be a whole number >= 0"),
         ({"draws": [{"a": {"randint": [5, 1]}}]}, r"draw 'a': .*empty range"),
-        ({"draws": [{"a": "0"}], "answer": "3 // a", "steps": ["{a}"]}, r"answer: '3 // a': .*division"),
-        ({"draws": [{"a": "'x' + 1"}], "answer": "1", "steps": ["{a}"]}, r"expected a whole number"),
-        ({"draws": [{"a": {"choice": "[f for f in FRUITS if f == 'kiwi']"}}], "answer": "1", "steps": ["{a}"]},
-         r"draw 'a'.*empty sequence"),
+        ({"draws": [{"a": "0"}], "answer": "3 // a"}, r"answer: '3 // a': .*division"),
+        ({"draws": [{"a": "'x' + 1"}]}, r"expected a whole number"),
+        ({"draws": [{"a": {"choice": "[f for f in FRUITS if f == 'kiwi']"}}]}, r"draw 'a'.*empty sequence"),
+        ({"draws": [{"a": "FRUITS"}]}, r"prompt field \{a\}.*only words, whole numbers and people"),
+        ({"draws": [{"redraw": [{"a": {"randint": [1, 3]}}], "until": "a > 5"}]}, r"still false after 1000 tries"),
     ],
 )
 def test_template_failing_while_sampling_names_the_template(changes, message):
+    if "draws" in changes:  # the toy's own prompt and steps use names these draws no longer bind
+        changes = {"prompt": "Q {a}?", "steps": ["{a}."], "answer": "1", **changes}
     (bad, *_) = task._load_templates(_broken(**changes))
     with pytest.raises(ValueError, match=r"math template 'bad'.*" + message):
-        bad.sample(__import__("random").Random(0))
+        bad.sample(random.Random(0))
 
 
 def test_template_file_needs_every_step_count():

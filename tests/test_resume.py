@@ -1,8 +1,10 @@
-"""Crash safety: a real subprocess SIGKILLed at several points resumes with `--ckpt_path last` and ends
-where an uninterrupted run with the same seed ends."""
+"""Crash safety: a real subprocess SIGKILLed at several points resumes with `--ckpt_path last`, redoes
+only the work that was not finished (counted from the resumed process's own logs), and ends where an
+uninterrupted run with the same seed ends."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -14,12 +16,13 @@ from safetensors.torch import load_file
 from test_cli import TINY
 
 # The tiny config: 16 prompts in generation batches of 8 (2 per iteration), 4 train steps per epoch.
-KILL_POINTS = [
-    "generation_batch:1",  # iteration 0, mid-generation (no checkpoint yet)
-    "adapter_saved:1",  # iteration 0's adapter written, its checkpoint not
-    "generation_batch:3",  # iteration 1, mid-generation
-    "train_step:6",  # iteration 1, mid-epoch
-]
+# Per kill point: what the resumed process must still do, (training steps, generation batches).
+KILL_POINTS = {
+    "generation_batch:1": (8, 3),  # iteration 0, mid-generation (no checkpoint yet): its 2nd batch, then all of iteration 1
+    "adapter_saved:1": (8, 2),  # iteration 0's adapter written, its checkpoint not: iteration 0 trains again, its data are kept
+    "generation_batch:3": (4, 1),  # iteration 1, mid-generation: from iteration 0's checkpoint, 1 batch left
+    "train_step:6": (4, 0),  # iteration 1, mid-epoch: the epoch again, its data are kept
+}
 
 
 def _fit(run_dir, cache_dir, kill_at: str | None = None, resume: bool = False) -> int:
@@ -45,12 +48,21 @@ def uninterrupted(tmp_path_factory, cache_dir, tiny_model_dir):
     return run_dir
 
 
+def _work_done(run_dir, version: int) -> tuple[int, int]:
+    """(training steps, generation batches) that the process writing logs/version_<version> executed."""
+    with open(run_dir / "logs" / f"version_{version}" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = sum(1 for r in rows if r.get("train/loss_step"))
+    return steps, sum(int(float(r["generation/batches"])) for r in rows if r.get("generation/batches"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
 def test_killed_run_resumes_to_the_same_adapters(kill_at, uninterrupted, tmp_path, cache_dir):
     assert _fit(tmp_path, cache_dir, kill_at=kill_at) == -9, "the fault point was not reached"
     assert not (tmp_path / "iter_1" / "adapter_model.safetensors").exists()
     assert _fit(tmp_path, cache_dir, resume=True) == 0
+    assert _work_done(tmp_path, version=1) == KILL_POINTS[kill_at], "the resumed run redid finished work"
     for iteration in (0, 1):
         expected, got = _synthetic(uninterrupted, iteration), _synthetic(tmp_path, iteration)
         assert len({r["prompt"] for r in got}) == len(got) == 16, "each prompt exactly once"
@@ -62,3 +74,14 @@ def test_killed_run_resumes_to_the_same_adapters(kill_at, uninterrupted, tmp_pat
         for name in want:
             torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
     assert [r["iteration"] for r in json.loads((tmp_path / "results.json").read_text())] == [-1, 0, 1]
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_does_nothing(uninterrupted, tmp_path, cache_dir):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert _fit(tmp_path / "run", cache_dir, resume=True) == 0
+    assert not (tmp_path / "run" / "iter_2").exists(), "no generation for an iteration past the last"
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before

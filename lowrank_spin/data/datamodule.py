@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lowrank_spin.batching import length_grouped_order
-from lowrank_spin.data.chat import drawn_ids, render_prompt, response_ids
-from lowrank_spin.data.sources import read_pairs
+from lowrank_spin.data.chat import drawn_ids, render_pair, response_ids
+from lowrank_spin.data.sources import MESSAGES, draw, hold_out, read_pairs, source_errors
 from lowrank_spin.embedded import task
 from lowrank_spin.files import RunDir, read_jsonl, write_jsonl_atomic
 from lowrank_spin.generation import Generated
@@ -34,12 +34,25 @@ MATH = "math"
 
 class SelfPlayDataModule(L.LightningDataModule):
     """Args:
-        dataset: `math` (the embedded word-problem task), a local json/jsonl/parquet file, or a
-            `datasets` hub name.
-        split: split of a hub dataset. `val_dataset`: optional held-out file or hub split for a user dataset.
-        prompt_field, response_field: column names; rows with a `messages` list use its first user and
-            first assistant turn instead (ultrachat style).
-        max_samples: keep the first N training rows (also of the embedded task: the data-scarcity knob).
+        dataset: `math` (the embedded word-problem task), a local json/jsonl/parquet/csv file, a local
+            folder of such shards, or a `datasets` hub name (`json`/`parquet`/`csv` with `data_files`).
+        split: split of a hub dataset or folder (a single file is all `train`).
+        dataset_config: the hub dataset's config name (`datasets.load_dataset(dataset, dataset_config)`).
+        data_files: files of a hub dataset or folder to read (`datasets.load_dataset(..., data_files=)`).
+        val_dataset, val_split: optional held-out file / hub dataset and split for evaluation; the same
+            dataset's `dataset_config` and `data_files` apply when `val_dataset` is unset.
+        val_fraction: without `val_dataset`/`val_split`, this share of the user's training rows (after
+            duplicates are dropped) is held out for evaluation, drawn with `seed` and logged; 0 = none.
+        prompt_field, response_field: column names of a (prompt, response) schema. Rows without the
+            response column take their pair from SPIN's `real` message list or from a `messages` list
+            (ultrachat_200k's `prompt` + `prompt_id` + `messages` rows included).
+        messages: how a message list becomes a pair: `first_turn` (its first user -> assistant
+            exchange, the prompt a string) or `history` (the turns before the last assistant turn are
+            the prompt, rendered with the chat template; that turn is the response).
+        max_samples: the annotated-data budget (the data-scarcity knob). Of a user dataset: a random
+            subset of N training rows drawn with `seed` after the held-out share (a smaller N draws a
+            subset of a larger one). Of the embedded task: the first N of its train split, itself
+            already a seeded random draw (`task_seed`).
         num_train, num_val, num_test, task_seed: sizes and seed of the embedded task's splits.
         system_prompt: optional system message put before every prompt.
         max_prompt_length: prompts longer than this (in tokens) are skipped, with a count reported.
@@ -60,10 +73,14 @@ class SelfPlayDataModule(L.LightningDataModule):
         self,
         dataset: str = MATH,
         split: str = "train",
+        dataset_config: str | None = None,
+        data_files: str | list[str] | None = None,
         val_dataset: str | None = None,
         val_split: str | None = None,
+        val_fraction: float = 0.1,
         prompt_field: str = "prompt",
         response_field: str = "response",
+        messages: str = "first_turn",
         max_samples: int | None = None,
         num_train: int = 256,
         num_val: int = 64,
@@ -97,6 +114,16 @@ class SelfPlayDataModule(L.LightningDataModule):
             errors.append("data.num_train: the math task needs at least 1 training problem")
         if hp.max_samples is not None and hp.max_samples < 1:
             errors.append(f"data.max_samples: must be >= 1, got {hp.max_samples}")
+        if not 0 <= hp.val_fraction < 1:
+            errors.append(f"data.val_fraction: must be in [0, 1), got {hp.val_fraction}")
+        if hp.messages not in MESSAGES:
+            errors.append(f"data.messages: must be one of {MESSAGES}, got {hp.messages!r}")
+        if hp.dataset == MATH:
+            errors += [f"data.{f}: only for a user dataset, not the embedded task (data.dataset: {MATH})" for f in ("dataset_config", "data_files") if hp[f]]
+        else:
+            errors += source_errors(hp.dataset, "data.dataset", hp.dataset_config, hp.data_files)
+        if hp.val_dataset and hp.val_dataset != hp.dataset:
+            errors += source_errors(hp.val_dataset, "data.val_dataset")
         return errors + self.sampling.errors() + self.evaluation.errors()
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -131,10 +158,25 @@ class SelfPlayDataModule(L.LightningDataModule):
                 for name, problems in splits.items():
                     task.write_jsonl(problems, self.run_dir.data / f"{name}.jsonl")
             return records
-        records = {"train": read_pairs(hp.dataset, hp.split, hp.prompt_field, hp.response_field, hp.max_samples)}
+        columns = {"prompt_field": hp.prompt_field, "response_field": hp.response_field, "messages": hp.messages}
+        same = {"dataset_config": hp.dataset_config, "data_files": hp.data_files}  # of `dataset` only
+        train = read_pairs(hp.dataset, hp.split, **columns, **same)
+        records = {}
         if hp.val_dataset or hp.val_split:
-            records["validation"] = read_pairs(hp.val_dataset or hp.dataset, hp.val_split or hp.split, hp.prompt_field, hp.response_field)
-        return records
+            other = hp.val_dataset not in (None, hp.dataset)
+            val = read_pairs(hp.val_dataset or hp.dataset, hp.val_split or hp.split, **columns, **({} if other else same), field="data.val_dataset" if other else "data.dataset")
+            records["validation"] = val
+        elif hp.val_fraction > 0:
+            total = len(train)
+            train, records["validation"] = hold_out(train, hp.val_fraction, hp.seed)
+            log.warning("held out %d of %d training rows (data.val_fraction=%s, seed %d) for evaluation", len(records["validation"]), total, hp.val_fraction, hp.seed)
+        if hp.max_samples is not None:
+            if hp.max_samples < len(train):
+                log.warning("data.max_samples=%d: a random %d of %d training rows (seed %d)", hp.max_samples, hp.max_samples, len(train), hp.seed)
+            else:
+                log.warning("data.max_samples=%d: only %d training rows, all used", hp.max_samples, len(train))
+            train = draw(train, hp.max_samples, hp.seed)
+        return {"train": train, **records}
 
     @property
     def examples(self) -> dict[str, list[dict]]:
@@ -150,12 +192,11 @@ class SelfPlayDataModule(L.LightningDataModule):
         hp, tokenizer = self.hparams, self.opponent.tokenizer
         examples, skipped = [], 0
         for row in rows:
-            prompt_ids = render_prompt(tokenizer, row["prompt"], hp.system_prompt)
+            prompt_ids, real_ids = render_pair(tokenizer, row["prompt"], row["response"], True, hp.system_prompt)
             if len(prompt_ids) > hp.max_prompt_length:
                 skipped += 1
                 continue
-            real_ids = response_ids(tokenizer, row["response"], finished=True)[: hp.max_response_length]
-            examples.append({**row, "prompt_ids": prompt_ids, "real_ids": real_ids})
+            examples.append({**row, "prompt_ids": prompt_ids, "real_ids": real_ids[: hp.max_response_length]})
         if skipped:
             log.warning("%s: skipped %d of %d prompts longer than data.max_prompt_length=%d tokens", split, skipped, len(rows), hp.max_prompt_length)
         return examples
@@ -231,11 +272,15 @@ class SelfPlayDataModule(L.LightningDataModule):
         for example, gen in zip(examples, generated):
             example.update(generated=gen.text, generated_finished=gen.finished)
             # train on the tokens the opponent drew (re-tokenising the text need not give them back)
-            example["generated_ids"] = gen.token_ids if gen.token_ids is not None else response_ids(self.opponent.tokenizer, gen.text, gen.finished)
+            example["generated_ids"] = (
+                gen.token_ids
+                if gen.token_ids is not None
+                else response_ids(self.opponent.tokenizer, gen.text, gen.finished, example["prompt"], self.hparams.system_prompt)
+            )
         # T-SPIN's proto-synthetic y0 is generated once, by the initial model: iteration 0's responses.
         protos = examples if iteration == 0 else read_jsonl(self.run_dir.synthetic(0))
         for example, proto in zip(examples, protos):
-            proto_ids = drawn_ids(proto, "generated", self.opponent.tokenizer)
+            proto_ids = drawn_ids(proto, "generated", self.opponent.tokenizer, self.hparams.system_prompt)
             example.update(proto=proto["generated"], proto_finished=proto["generated_finished"], proto_ids=proto_ids)
         self.opponent.score_for_training(examples, generated, self.hparams.batch_size)
         rows = [{k: v for k, v in e.items() if k not in ("prompt_ids", "real_ids")} | {"iteration": iteration} for e in examples]
@@ -245,13 +290,14 @@ class SelfPlayDataModule(L.LightningDataModule):
         progress.unlink(missing_ok=True)
 
     def _from_row(self, row: dict) -> dict:
-        tokenizer = self.opponent.tokenizer
+        tokenizer, system_prompt = self.opponent.tokenizer, self.hparams.system_prompt
+        prompt_ids, real_ids = render_pair(tokenizer, row["prompt"], row["response"], True, system_prompt)
         return {
             **row,
-            "prompt_ids": render_prompt(tokenizer, row["prompt"], self.hparams.system_prompt),
-            "real_ids": response_ids(tokenizer, row["response"], True)[: self.hparams.max_response_length],
-            "generated_ids": drawn_ids(row, "generated", tokenizer),
-            "proto_ids": drawn_ids(row, "proto", tokenizer),
+            "prompt_ids": prompt_ids,
+            "real_ids": real_ids[: self.hparams.max_response_length],
+            "generated_ids": drawn_ids(row, "generated", tokenizer, system_prompt),
+            "proto_ids": drawn_ids(row, "proto", tokenizer, system_prompt),
         }
 
     def _log_generation(self, iteration: int, stats: dict, generated: list[Generated]) -> None:
@@ -261,6 +307,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         metrics = {
             "generation/seconds": stats["seconds"],
             "generation/tokens_per_second": stats["tokens_per_second"],
+            "generation/batches": stats["batches"],  # generated in this process (a resumed one skips finished batches)
             "generation/unfinished_fraction": unfinished / max(total, 1),
             "generation/empty_fraction": empty / max(total, 1),
             "generation/iteration": iteration,

@@ -36,10 +36,11 @@ import keyword
 import operator
 import random
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -60,9 +61,7 @@ class MathProblem:
         return asdict(self)
 
 
-def make_splits(
-    num_train: int, num_val: int, num_test: int, seed: int = 0
-) -> dict[str, list[MathProblem]]:
+def make_splits(num_train: int, num_val: int, num_test: int, seed: int = 0) -> dict[str, list[MathProblem]]:
     """Seeded, disjoint splits: returns ``{"train": [...], "validation": [...], "test": [...]}``
     of ``MathProblem`` lists with the requested sizes.
 
@@ -105,7 +104,7 @@ def extract_answer(text: str) -> int | None:
     such as "42.5" gives None, as does text with no number at all.
     """
     for match in reversed(list(_ANSWER_PHRASE.finditer(text))):
-        rest = text[match.end():].lstrip()
+        rest = text[match.end() :].lstrip()
         number = _NUMBER.search(rest.split("\n", 1)[0])
         if number is not None:
             return _to_int(number)
@@ -166,9 +165,7 @@ _MAX_REDRAWS = 1000
 _TEMPLATES_FILE = "math_templates.yaml"
 
 
-def _generate(
-    n: int, rng: random.Random, taken: set[str], arg_name: str
-) -> list[MathProblem]:
+def _generate(n: int, rng: random.Random, taken: set[str], arg_name: str) -> list[MathProblem]:
     templates = _templates()
     by_steps = {steps: [t for t in templates if t.num_steps == steps] for steps in (1, 2, 3)}
     problems = []
@@ -228,9 +225,7 @@ class _Template:
         except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
             raise _TemplateError(f"math template {self.name!r}: {exc}") from exc
         if type(answer) is not int or answer < 0:
-            raise _TemplateError(
-                f"math template {self.name!r}: the answer must be a whole number >= 0, got {answer!r}"
-            )
+            raise _TemplateError(f"math template {self.name!r}: the answer must be a whole number >= 0, got {answer!r}")
         response = "\n".join(steps + [f"{ANSWER_PREFIX} {answer}."])
         return MathProblem(prompt, response, answer, self.num_steps, self.name)
 
@@ -480,7 +475,8 @@ class _Compiler:
             elif token in ("{", "}"):
                 raise self.error(where, f"unmatched {token!r} in {source!r} (write {token * 2} for a brace)")
             elif token.startswith("{"):
-                parts.append(_stringify(self.expression(token[1:-1], f"{where} field {token}"), token))
+                field = f"{where} field {token}"
+                parts.append(_stringify(self.expression(token[1:-1], field), field))
             else:
                 parts.append(token)
         if all(isinstance(part, str) for part in parts):
@@ -653,13 +649,15 @@ def _binder(names: list[str], run: Callable[[random.Random, dict], Any], where: 
 
 
 def _stringify(value: _Expr, field: str) -> _Expr:
+    """A text field's value as text, as an f-string writes it."""
+
     def render(env):
         result = value(env)
         if isinstance(result, str):
             return result
         if type(result) is int or isinstance(result, _Person):
             return str(result)
-        raise TypeError(f"field {field} is {result!r}; only words, whole numbers and people can be written")
+        raise _TemplateError(f"{field} is {result!r}; only words, whole numbers and people can be written")
 
     return render
 

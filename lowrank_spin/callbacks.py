@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lowrank_spin import models
 from lowrank_spin.embedded import task
 from lowrank_spin.evaluation import evaluate, heldout_rewards
-from lowrank_spin.faults import kill_point
+from lowrank_spin.faults import safe_point
 from lowrank_spin.files import RunDir, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class IterationBoundaries(L.Callback):
         self._epoch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
-        kill_point("train_step")
+        safe_point("train_step")
 
     def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
         for logger in trainer.loggers:
@@ -61,7 +61,7 @@ class IterationBoundaries(L.Callback):
             base_model=models.portable_base_name(module.hparams.model_name_or_path),
         )
         if trainer.is_global_zero:
-            kill_point("adapter_saved")
+            safe_point("adapter_saved")
         evaluate_now = iteration == module.hparams.num_iterations - 1 or trainer.datamodule.evaluation.every_iteration
         # held-out rewards need the opponent of iteration t, so they come before the snapshot
         rewards = self._heldout_rewards(trainer, module, iteration) if evaluate_now else {}

@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lowrank_spin import compare, lm_eval_runner
 from lowrank_spin.callbacks import format_results
 from lowrank_spin.data import SelfPlayDataModule
+from lowrank_spin.faults import install_sigterm_handler
 from lowrank_spin.files import RunDir
 from lowrank_spin.module import SelfPlayLoRA
 from lowrank_spin.settings import deepspeed_errors, output_dir_errors, raise_if_any
@@ -82,7 +83,8 @@ class SelfPlayCLI(LightningCLI):
 
     def fit(self, model, **kwargs) -> None:
         """Lightning's fit, except that resuming a finished run reports it and does nothing (no stray
-        generation for an iteration past the last one)."""
+        generation for an iteration past the last one), and SIGTERM stops at the next safe point."""
+        install_sigterm_handler()
         root = self.trainer.default_root_dir
         if kwargs.get("ckpt_path") is not None and _finished(root, model.hparams.num_iterations):
             if self.trainer.is_global_zero:

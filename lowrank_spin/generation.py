@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lowrank_spin import models
-from lowrank_spin.faults import kill_point
+from lowrank_spin.faults import safe_point
 from lowrank_spin.settings import SamplingSettings
 
 
@@ -88,8 +88,9 @@ def generate_responses(
                 if log:
                     log.flush()
                     os.fsync(log.fileno())
-                    kill_point("generation_batch")
                 bar.update(len(batch))
+                # a stop here loses nothing: the batch is on disk (without a progress file: cheap to redo)
+                safe_point("generation_batch" if log else "unsaved_generation_batch")
             bar.close()
     finally:
         if log:

@@ -85,3 +85,34 @@ def test_resuming_a_finished_run_does_nothing(uninterrupted, tmp_path, cache_dir
     assert _fit(tmp_path / "run", cache_dir, resume=True) == 0
     assert not (tmp_path / "run" / "iter_2").exists(), "no generation for an iteration past the last"
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_the_next_safe_point_within_seconds(tmp_path, cache_dir, tiny_model_dir):
+    """SIGTERM mid-generation: the process exits (143) right after the batch it is on, with that batch
+    flushed, and a resume finishes the run."""
+    import signal
+    import time
+
+    env = {**os.environ, "LOWRANK_SPIN_CACHE": cache_dir, "OMP_NUM_THREADS": "1"}
+    env.pop("LOWRANK_SPIN_KILL_AT", None)
+    args = [sys.executable, "-m", "lowrank_spin.cli", "fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.sampling.batch_size", "1", "--model.num_iterations", "1"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    progress = tmp_path / "iter_0" / "synthetic.partial.jsonl"
+    deadline = time.time() + 120
+    while not (progress.exists() and progress.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    sent = time.time()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    assert time.time() - sent < 10, "SIGTERM must stop the run within seconds"
+    assert "stopping at a safe point (generation_batch)" in stderr
+    flushed = progress.read_text().splitlines()
+    assert 2 <= len(flushed) < 16 and all(json.loads(line) for line in flushed), "only whole batches, and not all"
+    assert not (tmp_path / "iter_0" / "synthetic.jsonl").exists()
+    resumed = subprocess.run(args + ["--ckpt_path", "last"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len({row["prompt"] for row in _synthetic(tmp_path, 0)}) == 16
+    assert _work_done(tmp_path, version=1)[1] == 16 - len(flushed), "the flushed batches are not generated again"

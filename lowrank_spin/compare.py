@@ -5,7 +5,9 @@
 
 Each arm is an ordinary `lowrank-spin fit` of the same config with only `model.objective` changed
 (and, for the data-scarcity study, `data.max_samples`), so every arm starts from the same model and
-`model.init_adapter` and trains the same epochs per iteration. The arms' `results.json` and metrics
+`model.init_adapter` and trains the same epochs per iteration. At fraction 1.0 an arm trains on the data
+as the config gives it; below, on that fraction of its training rows, counted once beforehand (a user
+dataset's held-out share is drawn before `max_samples`, so every fraction scores the same held-out rows). The arms' `results.json` and metrics
 CSV are then collected into `comparison.md` / `comparison.csv` and PNG plots.
 
 Every arm starts from the same model and scores the same evaluation split, so the "before" evaluation is
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import inspect
 import json
 import math
 import os
@@ -40,7 +43,7 @@ def main(argv: list[str], fit: Callable[[list[str]], object]) -> None:
     parser.add_argument("--output", default="runs/compare", help="one sub-folder per arm and data fraction")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--data_fractions", nargs="+", type=float, default=[1.0])
-    parser.add_argument("--num_train", type=int, default=None, help="annotated examples at fraction 1.0 (default: the config's)")
+    parser.add_argument("--num_train", type=int, default=None, help="annotated examples at fraction 1.0 (default: all the config's data, as given)")
     args, overrides = parser.parse_known_args(argv)  # anything else goes to every arm's `fit`
     bad = [f for f in args.data_fractions if not 0 < f <= 1]
     if bad:
@@ -53,8 +56,12 @@ def main(argv: list[str], fit: Callable[[list[str]], object]) -> None:
 
 
 def run_arms(fit: Callable[[list[str]], object], config: str, output: Path, arms, fractions, num_train: int | None, overrides: list[str]) -> dict:
-    """Run (or reuse) one `fit` per arm and data fraction; returns {(arm, fraction): run folder}."""
-    total = num_train or _config_num_train(config)
+    """Run (or reuse) one `fit` per arm and data fraction; returns {(arm, fraction): run folder}.
+
+    At fraction 1.0 an arm trains on the data as the config (and `overrides`) give it; below, on that
+    fraction of its training rows (`data.max_samples`). `num_train`, when given, is the rows at 1.0.
+    """
+    sizes = _training_sizes(config, overrides, fractions, num_train)
     group = os.environ.get("WANDB_RUN_GROUP") or output.resolve().name
     runs = {}
     for fraction in fractions:
@@ -64,11 +71,12 @@ def run_arms(fit: Callable[[list[str]], object], config: str, output: Path, arms
             args = [
                 "fit", "--config", config,
                 "--model.objective.name", arm,
-                "--data.max_samples", str(max(1, int(round(total * fraction)))),
                 "--trainer.default_root_dir", str(run_dir),
                 "--trainer.logger.init_args.save_dir", str(run_dir),
                 *([] if fraction == 1 else ["--data.evaluation.every_iteration", "false"]),
                 *overrides,
+                # after the overrides: a `--data.max_samples` among them is the data at 1.0, and sizes the fractions
+                *([] if sizes[fraction] is None else ["--data.max_samples", str(sizes[fraction])]),
             ]
             if (run_dir / "results.json").exists() and _finished(run_dir, config):
                 print(f"[compare] {run_dir} already finished: reusing it")
@@ -246,11 +254,51 @@ def _environment(**variables: str):
                 os.environ[name] = value
 
 
-def _config_num_train(config: str) -> int:
+def _training_sizes(config: str, overrides: list[str], fractions, num_train: int | None) -> dict:
+    """`data.max_samples` per data fraction (None: the data as given), printed with where it came from."""
+    if num_train is None and all(f == 1 for f in fractions):
+        print("[compare] every arm trains on the config's data as given")
+        return {f: None for f in fractions}
+    if num_train is not None:
+        total, what = num_train, f"--num_train {num_train}"
+    else:
+        total, what = _training_rows(_data_section(config, overrides))
+    sizes = {f: None if f == 1 and num_train is None else max(1, int(round(total * f))) for f in fractions}
+    shown = ", ".join(f"{f:.0%}: " + ("as given" if n is None else f"data.max_samples {n}") for f, n in sizes.items())
+    print(f"[compare] data fractions of {total} training rows ({what}): {shown}")
+    return sizes
+
+
+def _training_rows(data: dict) -> tuple[int, str]:
+    """How many rows the config's data section trains on, and what they are."""
+    from lowrank_spin.data import MATH, SelfPlayDataModule
+
+    parameters = inspect.signature(SelfPlayDataModule.__init__).parameters
+    data = {name: p.default for name, p in parameters.items() if name != "self"} | data
+    budget = f", data.max_samples {data['max_samples']}" if data["max_samples"] else ""
+    if data["dataset"] == MATH:
+        return min(data["num_train"], data["max_samples"] or data["num_train"]), f"the embedded math task's train split{budget}"
+    # The DataModule reads the data itself (once; cheap next to a fit): the rows it holds out for
+    # evaluation and the config's own max_samples are counted exactly as every arm's `fit` counts them.
+    flat = {k: v for k, v in data.items() if k not in ("sampling", "evaluation")}
+    train = SelfPlayDataModule(**flat).load_records()["train"]
+    return len(train), f"data.dataset {data['dataset']!r}, less its held-out rows{budget}"
+
+
+def _data_section(config: str, overrides: list[str]) -> dict:
+    """The config's flat `data` settings with the `--data.<name> value` overrides every arm gets applied."""
     import yaml
 
-    data = (yaml.safe_load(Path(config).read_text()) or {}).get("data", {})
-    return int(data.get("max_samples") or data.get("num_train") or 256)
+    data = dict((yaml.safe_load(Path(config).read_text()) or {}).get("data") or {})
+    i = 0
+    while i < len(overrides):
+        name, equals, value = overrides[i].removeprefix("--data.").partition("=")
+        if overrides[i].startswith("--data.") and "." not in name:
+            if not equals and i + 1 < len(overrides):
+                i, value = i + 1, overrides[i + 1]
+            data[name] = yaml.safe_load(value)
+        i += 1
+    return data
 
 
 def _finished(run_dir: Path, config: str) -> bool:

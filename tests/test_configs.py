@@ -46,3 +46,64 @@ def test_config_parses_and_validates(config, monkeypatch):
 @pytest.mark.parametrize("name", [m.name for m in pkgutil.iter_modules(lowrank_spin.__path__)])
 def test_every_module_imports(name):
     importlib.import_module(f"lowrank_spin.{name}")
+
+
+def ultrachat_rows(n: int = 6) -> list[dict]:
+    """Rows of HuggingFaceH4/ultrachat_200k's schema: `prompt`, `prompt_id` and a multi-turn `messages`."""
+    return [
+        {
+            "prompt": f"Question {i}?",
+            "prompt_id": f"{i:064x}",
+            "messages": [
+                {"content": f"Question {i}?", "role": "user"},
+                {"content": f"Answer {i}.", "role": "assistant"},
+                {"content": f"Follow-up {i}?", "role": "user"},
+                {"content": f"Second answer {i}.", "role": "assistant"},
+            ],
+        }
+        for i in range(n)
+    ]
+
+
+def _fixture_of_schema(config: str, tmp_path) -> str | None:
+    """A small local file in the schema of the config's dataset (None for the embedded math task)."""
+    import datasets
+    import yaml
+
+    dataset = (yaml.safe_load(open(config)).get("data") or {}).get("dataset", "math")
+    if dataset == "math":
+        return None
+    if dataset == "HuggingFaceH4/ultrachat_200k":
+        path = tmp_path / "ultrachat_200k_train_sft.parquet"
+        datasets.Dataset.from_list(ultrachat_rows()).to_parquet(str(path))
+        return str(path)
+    raise AssertionError(f"{config}: data.dataset {dataset!r} has no fixture of its schema here; add one")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
+def test_config_data_section_loads(config, tmp_path, monkeypatch):
+    """The data section of every shipped config, built by the real CLI, reads a fixture of its schema."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))  # not the user's cache
+    if "accelerator: gpu" in open(config).read():
+        monkeypatch.setattr("lowrank_spin.settings._flash_attention_errors", lambda: [])
+        monkeypatch.setattr("lowrank_spin.settings._paged_optimizer_errors", lambda name, prefix: [])
+        monkeypatch.setattr(SelfPlayCLI, "instantiate_trainer", lambda self, **kwargs: None)
+    fixture = _fixture_of_schema(config, tmp_path)
+    cli = build_cli(["--config", config, *(["--data.dataset", fixture] if fixture else [])], run=False)
+    datamodule = cli.datamodule
+    datamodule.trainer = SimpleNamespace(is_global_zero=True, default_root_dir=str(tmp_path / "run"))
+    records = datamodule.load_records()
+    assert records["train"], "training rows"
+    for row in (r for rows in records.values() for r in rows):
+        assert isinstance(row["prompt"], str) and row["prompt"].strip() and isinstance(row["response"], str) and row["response"].strip()
+    if fixture is None:  # the embedded task, also written as jsonl
+        assert {p.name for p in (tmp_path / "run" / "data").iterdir()} == {"train.jsonl", "validation.jsonl", "test.jsonl"}
+    else:  # ultrachat: the first exchange of `messages`, with a seeded share held out for evaluation
+        rows = records["train"] + records["validation"]
+        assert sorted(r["prompt"] for r in rows) == sorted(r["prompt"] for r in ultrachat_rows())
+        assert all(r["response"] == r["prompt"].replace("Question", "Answer").replace("?", ".") for r in rows)
+        assert len(records["validation"]) == 1, "data.val_fraction 0.1 of 6 rows, at least one"

@@ -5,15 +5,16 @@
 1. peak: `torch.matmul` of two n x n matrices (n = 2048) in bf16 and in fp32, best of `--peak-repeats`
    timed loops; 2 n^3 FLOPs per matmul.
 2. our training step, as `SelfPlayLoRA.training_step` runs it with precomputed opponent log-probs:
-   SmolLM2-135M-Instruct with a bf16 base and LoRA r=16 on every linear layer, `--pairs` (real, generated)
-   pairs of math prompts, `models.response_logps` -> `losses.spin_loss`, backward, AdamW. Both batch
-   layouts, side by side on the same pairs: `rows` (one row per response, `data.Collator`) and
-   `shared` (the prompt once per pair, `data.SharedPromptCollator`, the default). The "generated"
+   SmolLM2-135M-Instruct with a `--dtype` base (default `auto`: bf16 where this CPU has native bf16,
+   else float32, see `models.choose_dtype`) and LoRA r=16 on every linear layer, `--pairs` (real,
+   generated) pairs of math prompts, `batching.response_logps` -> `losses.spin_loss`, backward, AdamW.
+   Both batch layouts, side by side on the same pairs: `rows` (one row per response,
+   `batching.Collator`) and `shared` (the prompt once per pair, `batching.SharedPromptCollator`, the default). The "generated"
    response of pair i is the gold response of problem i+1 (no generation needed; lengths are alike).
    Each step's FLOPs are counted once with `torch.utils.flop_counter.FlopCounterMode` on the eager
    attention path (the CPU SDPA kernel is not in its registry; eager attention does the same matmuls),
    then the step is timed with SDPA: median of `--steps` after `--warmup`. The counter counts
-   matmuls/attention only.
+   matmuls/attention only. The fraction of the peak is reported for the dtype the step ran in.
 """
 
 from __future__ import annotations
@@ -29,16 +30,23 @@ import report
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lowrank_spin import math_task, models
-from lowrank_spin.data import Collator, SharedPromptCollator, render_prompt, response_ids
+from lowrank_spin import models
+from lowrank_spin.batching import Collator, SharedPromptCollator, response_logps
+from lowrank_spin.data.chat import render_prompt, response_ids
+from lowrank_spin.embedded import task
 from lowrank_spin.losses import spin_loss
+from lowrank_spin.settings import AUTO, DTYPE_NAMES
 
 LAYOUTS = {"rows": Collator, "shared": SharedPromptCollator}
+PEAK_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}  # results["peak"] keys
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=models.SMOLLM2)
+    parser.add_argument(
+        "--dtype", default=AUTO, choices=[AUTO, *DTYPE_NAMES], help="of the base; auto: models.choose_dtype"
+    )
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--peak-repeats", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=8)
@@ -50,31 +58,42 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    results = {"machine": report.machine(args.threads),
-               "settings": vars(args)}
-    results["peak"] = {name: matmul_peak(args.matmul_size, dtype, args.peak_repeats) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    dtype, reason = models.choose_dtype(args.dtype, "cpu")
+    print(f"dtype: {dtype} ({reason})", flush=True)
+    results = {"machine": report.machine(args.threads), "settings": vars(args), "dtype": dtype, "dtype_reason": reason}
+    peak_dtypes = {"bfloat16", "float32", dtype}
+    results["peak"] = {
+        PEAK_NAMES[name]: matmul_peak(args.matmul_size, models.DTYPES[name], args.peak_repeats)
+        for name in DTYPE_NAMES
+        if name in peak_dtypes
+    }
     print(json.dumps(results["peak"]), flush=True)
 
     path = models.resolve_model_path(args.model)
     tokenizer = models.load_tokenizer(path)
-    model = models.attach_lora(models.load_base_model(path, dtype="bfloat16"))
+    model = models.attach_lora(models.load_base_model(path, dtype=dtype))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
     examples = spin_examples(tokenizer, args.pairs)
     results["training_step"] = {}
     for layout, collate in LAYOUTS.items():
         batch = collate(tokenizer.pad_token_id, ("real", "generated"))(examples)
-        results["training_step"][layout] = measure_step(model, optimizer, batch, args, results["peak"])
+        results["training_step"][layout] = measure_step(
+            model, optimizer, batch, args, results["peak"], PEAK_NAMES[dtype]
+        )
         print(json.dumps({layout: results["training_step"][layout]}), flush=True)
     rows, shared = results["training_step"]["rows"], results["training_step"]["shared"]
-    results["rows_over_shared"] = {"step_s": rows["median_step_s"] / shared["median_step_s"], "flops": rows["flops"] / shared["flops"]}
+    results["rows_over_shared"] = {
+        "step_s": rows["median_step_s"] / shared["median_step_s"],
+        "flops": rows["flops"] / shared["flops"],
+    }
     write_report(results, Path(args.output))
 
 
-def measure_step(model, optimizer, batch: dict, args, peak: dict) -> dict:
+def measure_step(model, optimizer, batch: dict, args, peak: dict, peak_name: str) -> dict:
     with torch.no_grad():  # opponent log-probs, precomputed once per iteration in the package
         model.eval()
         with models.opponent(model, adapters_disabled=True):
-            opponent = models.response_logps(model, batch)
+            opponent = response_logps(model, batch)
         model.train()
 
     model.base_model.model.set_attn_implementation("eager")
@@ -103,6 +122,7 @@ def measure_step(model, optimizer, batch: dict, args, peak: dict) -> dict:
         "achieved_tflops": flops / step_s / 1e12,
         "fraction_of_bf16_peak": flops / step_s / (peak["bf16"]["tflops"] * 1e12),
         "fraction_of_fp32_peak": flops / step_s / (peak["fp32"]["tflops"] * 1e12),
+        "fraction_of_dtype_peak": flops / step_s / (peak[peak_name]["tflops"] * 1e12),  # the dtype the step ran in
     }
 
 
@@ -119,7 +139,7 @@ def matmul_peak(n: int, dtype: torch.dtype, repeats: int, inner: int = 5) -> dic
 
 
 def spin_examples(tokenizer, pairs: int) -> list[dict]:
-    problems = math_task.make_splits(pairs + 1, 0, 0, seed=0)["train"]
+    problems = task.make_splits(pairs + 1, 0, 0, seed=0)["train"]
     examples = [
         {
             "prompt_ids": render_prompt(tokenizer, p.prompt),
@@ -133,7 +153,7 @@ def spin_examples(tokenizer, pairs: int) -> list[dict]:
 
 def train_step(model, optimizer, batch, opponent, step: bool = True) -> None:
     """`SelfPlayLoRA._compute_loss` for spin with precomputed opponent log-probs, then backward and AdamW."""
-    real, generated = models.response_logps(model, batch).chunk(2)  # layout: [real; generated]
+    real, generated = response_logps(model, batch).chunk(2)  # layout: [real; generated]
     opponent_real, opponent_generated = opponent.chunk(2)
     losses, _, _ = spin_loss(real, generated, opponent_real, opponent_generated)
     losses.mean().backward()
@@ -144,7 +164,11 @@ def train_step(model, optimizer, batch, opponent, step: bool = True) -> None:
 
 def write_report(results: dict, output: Path) -> None:
     peak, steps = results["peak"], results["training_step"]
+    dtype = PEAK_NAMES[results["dtype"]]
+    other = "fp32" if dtype == "bf16" else "bf16"
     lines = [
+        f"base dtype: {results['dtype']} ({results['dtype_reason']})",
+        "",
         "| measurement | rows (one per response) | shared (prompt once per pair) |",
         "|---|---|---|",
         f"| bf16 / fp32 matmul peak ({peak['bf16']['n']}^2) | {peak['bf16']['tflops'] * 1e3:.0f} / {peak['fp32']['tflops'] * 1e3:.0f} GFLOP/s | |",
@@ -155,7 +179,10 @@ def write_report(results: dict, output: Path) -> None:
         row("FLOPs per step", lambda s: f"{s['flops'] / 1e12:.2f} TFLOP"),
         row("median step", lambda s: f"{s['median_step_s']:.2f} s"),
         row("achieved", lambda s: f"{s['achieved_tflops'] * 1e3:.0f} GFLOP/s"),
-        row("**fraction of the bf16 peak**", lambda s: f"**{s['fraction_of_bf16_peak']:.1%}** (fp32 peak: {s['fraction_of_fp32_peak']:.1%})"),
+        row(
+            f"**fraction of the {dtype} peak**",
+            lambda s: f"**{s['fraction_of_dtype_peak']:.1%}** ({other} peak: {s[f'fraction_of_{other}_peak']:.1%})",
+        ),
         f"| step time rows / shared | **{results['rows_over_shared']['step_s']:.2f}x** (FLOPs {results['rows_over_shared']['flops']:.2f}x) | |",
     ]
     report.write_results(results, "\n".join(lines), output)

@@ -5,32 +5,44 @@
 1. generation: batched, length-sorted, KV-cached (batch 16) vs one prompt at a time: new tokens/s
 2. opponent log-probs precomputed once per iteration vs recomputed on the fly in every training step:
    seconds per training epoch (and the one-off scoring cost of the precomputed path)
-3. the training step with logits for response positions only (`models.response_logits`, what the
+3. the training step with logits for response positions only (`batching.response_logits`, what the
    package does) vs logits for every position (the plain `model(...).logits`): seconds per epoch
 
 Both sides of each comparison run on the same model, prompts and settings, back to back, and the
-ratio is printed. Timings are wall-clock on whatever machine runs this; record the machine.
+ratio is printed. Timings are wall-clock on whatever machine runs this; record the machine. The base
+runs in `--dtype` (default `auto`: bf16 where this CPU has native bf16, else float32, see
+`models.choose_dtype`; with `--load-in-4bit` it is the compute dtype); the choice is printed and recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
 
 import torch
 
-from lowrank_spin import math_task, models
-from lowrank_spin.data import Collator, render_prompt, response_ids
+from lowrank_spin import models
+from lowrank_spin.batching import Collator, response_logits, sequence_logps
+from lowrank_spin.data.chat import render_prompt, response_ids
+from lowrank_spin.embedded import task
 from lowrank_spin.generation import generate_responses
-from lowrank_spin.losses import sequence_logps, spin_loss
+from lowrank_spin.losses import spin_loss
+from lowrank_spin.settings import AUTO, DTYPE_NAMES, SamplingSettings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=models.SMOLLM2)
     parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument(
+        "--dtype",
+        default=AUTO,
+        choices=[AUTO, *DTYPE_NAMES],
+        help="of the base (the compute dtype with --load-in-4bit)",
+    )
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -40,16 +52,25 @@ def main() -> None:
 
     path = models.resolve_model_path(args.model)
     tokenizer = models.load_tokenizer(path)
-    base = models.load_base_model(path, load_in_4bit=args.load_in_4bit, dtype="bfloat16")
+    dtype, reason = models.choose_dtype(args.dtype, "cpu")
+    print(f"dtype: {dtype} ({reason})", flush=True)
+    base = models.load_base_model(path, load_in_4bit=args.load_in_4bit, dtype=dtype, compute_dtype=dtype)
     model = models.attach_lora(base)
-    problems = math_task.make_splits(args.num_prompts, 0, 0, seed=0)["train"]
+    problems = task.make_splits(args.num_prompts, 0, 0, seed=0)["train"]
     prompts = [render_prompt(tokenizer, p.prompt) for p in problems]
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", "args": vars(args)}
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "args": vars(args),
+        "dtype": dtype,
+        "dtype_reason": reason,
+    }
 
     # 1. generation
-    gen = dict(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
-    generated, batched = generate_responses(model, tokenizer, prompts, batch_size=args.generation_batch_size, **gen)
-    _, single = generate_responses(model, tokenizer, prompts, batch_size=1, **gen)
+    sampling = SamplingSettings(
+        batch_size=args.generation_batch_size, max_new_tokens=args.max_new_tokens, temperature=1.0
+    )
+    generated, batched = generate_responses(model, tokenizer, prompts, sampling, seed=0)
+    _, single = generate_responses(model, tokenizer, prompts, dataclasses.replace(sampling, batch_size=1), seed=0)
     results["generation"] = {
         "batched_tokens_per_s": batched["tokens_per_second"],
         "one_at_a_time_tokens_per_s": single["tokens_per_second"],
@@ -112,16 +133,19 @@ def main() -> None:
 def _opponent_logps(model, batch) -> torch.Tensor:
     model.eval()
     with models.opponent(model):
-        logits, labels = models.response_logits(model, batch)
+        logits, labels = response_logits(model, batch)
     model.train()
     return sequence_logps(logits, labels)
 
 
 def _train_step(model, optimizer, batch, opponent_logps, full_logits: bool = False) -> None:
     if full_logits:
-        logits, labels = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        logits, labels = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["labels"],
+        )
     else:
-        logits, labels = models.response_logits(model, batch)
+        logits, labels = response_logits(model, batch)
     real, generated = sequence_logps(logits, labels).chunk(2)
     opponent_real, opponent_generated = opponent_logps.chunk(2)
     losses, _, _ = spin_loss(real, generated, opponent_real, opponent_generated)

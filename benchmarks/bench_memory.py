@@ -3,14 +3,19 @@ two-model set-up as in uclaml/SPIN (a fully fine-tuned bf16 policy plus a separa
 
     .venv/bin/python benchmarks/bench_memory.py --sizes 135m 0.5b 1.1b --output benchmarks/results/memory.json
 
+`--dtype` (default `auto`, resolved once with `models.choose_dtype` and recorded in the output) is the
+dtype of the saved models, of ours' compute and of the two-model sides' weights: bf16 where this CPU has
+native bf16, else float32 (an AVX2-only CPU emulates bf16 matmuls, ~50x slower). "bf16" in the names
+below means that dtype; pass `--dtype bfloat16` to measure what benchmarks/RESULTS.md reports.
+
 Models are random-weight Llamas built from real configs (SmolLM2-135M's own config.json; Qwen2.5-0.5B's
-dims as a LlamaConfig; TinyLlama-1.1B), saved once in bf16 to a temporary folder. Each side then runs in
+dims as a LlamaConfig; TinyLlama-1.1B), saved once in `--dtype` to a temporary folder. Each side then runs in
 its own process: load, then `--steps` SPIN steps on random tokens, batch `--pairs` pairs laid out
 [real; generated] (2 pairs = 4 sequences of `--seq-len` tokens, the first half a prompt with no loss),
 the opponent/reference forward under no_grad, the policy forward+backward, AdamW. Both sides compute
-log-probs with `models.response_logits` and the loss with `losses.spin_loss`.
+log-probs with `batching.response_logits` and the loss with `losses.spin_loss`.
 
-- ours: `models.load_base_model(load_in_4bit=True, compute_dtype="bfloat16")` + `models.attach_lora`
+- ours: `models.load_base_model(load_in_4bit=True, compute_dtype=dtype)` + `models.attach_lora`
   (r=16 all-linear), opponent = the `opponent` adapter switched on with `models.opponent`; AdamW on LoRA.
 - two-model, variant `bf16-adamw`: policy and reference loaded in bf16, torch AdamW on every policy
   parameter (its moments in bf16, like the parameters): ~10 bytes/parameter, the smallest two-model
@@ -18,7 +23,8 @@ log-probs with `models.response_logits` and the loss with `losses.spin_loss`.
 - two-model, variant `fp32-master`: what bf16 mixed precision (HF Trainer / DeepSpeed, as uclaml/SPIN
   trains) holds: bf16 policy and gradients plus fp32 master weights, fp32 gradients and fp32 AdamW
   moments, and the bf16 reference: ~20 bytes/parameter. Skipped at a size where its estimate does not
-  fit `--memory-limit-gb` (default 80% of MemAvailable): at 1.1B it would need ~22 GB.
+  fit `--memory-limit-gb` (default 80% of MemAvailable): at 1.1B it would need ~22 GB. Skipped at
+  `--dtype float32`, where there is no half-precision policy to keep fp32 masters of.
 
 Memory per side: VmRSS after load (and the optimizer), the peak while loading (VmHWM), and the peak over
 the training steps (VmHWM after resetting it through /proc/self/clear_refs); `peak_gb` is the larger.
@@ -38,20 +44,49 @@ from pathlib import Path
 
 import report
 
+from lowrank_spin.settings import AUTO, DTYPE_NAMES
+
 GiB = 2**30
 SIZES = {
     # the real SmolLM2-135M-Instruct config (read from the converted model); tied embeddings
     "135m": "smollm2",
     # Qwen2.5-0.5B's dimensions as a Llama (no q/k/v biases); tied embeddings
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
-                 rope_theta=1e6, rms_norm_eps=1e-6),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+    ),
     # TinyLlama-1.1B
-    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048,
-                 rope_theta=1e4, rms_norm_eps=1e-5),
+    "1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+        rope_theta=1e4,
+        rms_norm_eps=1e-5,
+    ),
 }
-VARIANTS = {"bf16-adamw": 10, "fp32-master": 20}  # bytes per parameter, for the fits-in-memory check
+VARIANTS = ("bf16-adamw", "fp32-master")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def bytes_per_parameter(variant: str, dtype: str) -> int:
+    """Parameter and optimizer state of a two-model variant, for the fits-in-memory check (10 and 20 at bf16)."""
+    size = DTYPE_BYTES[dtype]
+    if variant == "bf16-adamw":  # policy, reference, gradients, two AdamW moments, all in `dtype`
+        return 5 * size
+    return 2 * size + 16  # `dtype` policy and reference; fp32 masters, gradients and two moments
 
 
 def main() -> None:
@@ -61,11 +96,18 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2, help="(real, generated) pairs per step; 2 pairs = 4 sequences")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument(
+        "--dtype", default=AUTO, choices=[AUTO, *DTYPE_NAMES], help="models, ours' compute, the two-model sides"
+    )
     parser.add_argument("--two-model-variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
-    parser.add_argument("--memory-limit-gb", type=float, default=None, help="skip a variant whose estimate exceeds this")
+    parser.add_argument(
+        "--memory-limit-gb", type=float, default=None, help="skip a variant whose estimate exceeds this"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--workdir", default=None, help="where the random models are saved (default: a temporary folder)")
+    parser.add_argument(
+        "--workdir", default=None, help="where the random models are saved (default: a temporary folder)"
+    )
     parser.add_argument("--output", default="benchmarks/results/memory.json")
     parser.add_argument("--worker", choices=["build", "ours", *VARIANTS], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -79,23 +121,40 @@ def main() -> None:
         step_worker(args)
         return
 
+    from lowrank_spin import models
+
+    setting = args.dtype
+    args.dtype, reason = models.choose_dtype(setting, "cpu")  # the workers get the resolved name
+    print(f"dtype: {args.dtype} ({reason})", flush=True)
     limit = args.memory_limit_gb or 0.8 * _mem_available_gb()
-    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "model_dir", "size", "worker_output")},
-               "memory_limit_gb": limit, "sizes": {}}
+    hidden = ("worker", "model_dir", "size", "worker_output")
+    results = {
+        "settings": {k: v for k, v in vars(args).items() if k not in hidden} | {"dtype": setting},
+        "dtype": args.dtype,
+        "dtype_reason": reason,
+        "memory_limit_gb": limit,
+        "sizes": {},
+    }
     for size in args.sizes:
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_memory."))
         workdir.mkdir(parents=True, exist_ok=True)
         model_dir = workdir / size
         try:
-            print(f"[{size}] building the random bf16 model ...", flush=True)
+            print(f"[{size}] building the random {args.dtype} model ...", flush=True)
             built = _child(args, "build", size, model_dir)
             row = {"num_parameters": built["num_parameters"], "build_s": built["seconds"]}
             row["ours"] = _child(args, "ours", size, model_dir)
             print(f"[{size}] ours: {json.dumps(row['ours'])}", flush=True)
             for variant in args.two_model_variants:
-                estimate = VARIANTS[variant] * built["num_parameters"] / GiB
-                if estimate > limit:
-                    row[variant] = {"skipped": f"estimated {estimate:.1f} GB of parameter/optimizer state > limit {limit:.1f} GB"}
+                estimate = bytes_per_parameter(variant, args.dtype) * built["num_parameters"] / GiB
+                if variant == "fp32-master" and args.dtype == "float32":
+                    row[variant] = {
+                        "skipped": "--dtype float32: no half-precision policy to keep fp32 master weights of"
+                    }
+                elif estimate > limit:
+                    row[variant] = {
+                        "skipped": f"estimated {estimate:.1f} GB of parameter/optimizer state > limit {limit:.1f} GB"
+                    }
                 else:
                     row[variant] = _child(args, variant, size, model_dir)
                     row[f"ratio_ours_over_{variant}"] = row["ours"]["peak_gb"] / row[variant]["peak_gb"]
@@ -112,16 +171,40 @@ def _child(args, worker: str, size: str, model_dir: Path) -> dict:
     """Run one side in a fresh process; its JSON plus the kernel's ru_maxrss for it."""
     out = model_dir.parent / f"{size}.{worker}.json"
     cmd = [
-        sys.executable, __file__, "--worker", worker, "--size", size, "--model-dir", str(model_dir), "--worker-output", str(out),
-        "--steps", str(args.steps), "--pairs", str(args.pairs), "--seq-len", str(args.seq_len),
-        "--lora-rank", str(args.lora_rank), "--threads", str(args.threads),
+        sys.executable,
+        __file__,
+        "--worker",
+        worker,
+        "--size",
+        size,
+        "--model-dir",
+        str(model_dir),
+        "--worker-output",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--pairs",
+        str(args.pairs),
+        "--seq-len",
+        str(args.seq_len),
+        "--lora-rank",
+        str(args.lora_rank),
+        "--threads",
+        str(args.threads),
+        "--dtype",
+        args.dtype,
     ] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     log_path = model_dir.parent / f"{size}.{worker}.log"
     with open(log_path, "w") as log:
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        child = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        )
         _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{worker} worker ({size}) failed; last lines of {log_path}:\n" + "".join(log_path.read_text().splitlines(True)[-30:]))
+        raise RuntimeError(
+            f"{worker} worker ({size}) failed; last lines of {log_path}:\n"
+            + "".join(log_path.read_text().splitlines(True)[-30:])
+        )
     result = json.loads(out.read_text())
     result["ru_maxrss_gb"] = usage.ru_maxrss / 2**20  # after the clear_refs reset: the training peak (KiB)
     return result
@@ -142,10 +225,11 @@ def build_worker(args) -> None:
         config = LlamaConfig.from_pretrained(models.resolve_model_path(models.SMOLLM2))
     else:
         config = LlamaConfig(**spec)
+    dtype = models.DTYPES[args.dtype]
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     model = LlamaForCausalLM(config)
-    model.config.dtype = torch.bfloat16
+    model.config.dtype = dtype
     model.save_pretrained(args.model_dir)
     result = {"num_parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start}
     Path(args.worker_output).write_text(json.dumps(result))
@@ -155,26 +239,29 @@ def step_worker(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lowrank_spin import losses, models
+    from lowrank_spin import models
+    from lowrank_spin.batching import response_logits, sequence_logps
+    from lowrank_spin.losses import spin_loss
+    from lowrank_spin.settings import LoRASettings
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
     if args.worker == "ours":
-        base = models.load_base_model(args.model_dir, load_in_4bit=True, compute_dtype="bfloat16")
+        base = models.load_base_model(args.model_dir, load_in_4bit=True, compute_dtype=args.dtype)
         _maybe_checkpointing(base, args)
-        policy = models.attach_lora(base, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank)
+        policy = models.attach_lora(base, LoRASettings(rank=args.lora_rank, alpha=2 * args.lora_rank))
         trainable = [p for p in policy.parameters() if p.requires_grad]
 
         @torch.no_grad()
         def opponent_logps(batch):
             policy.eval()
             with models.opponent(policy):  # the opponent adapter of the same model: no second copy
-                logits, labels = models.response_logits(policy, batch)
+                logits, labels = response_logits(policy, batch)
             policy.train()
-            return losses.sequence_logps(logits, labels)
+            return sequence_logps(logits, labels)
     else:
-        load = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
+        load = dict(dtype=models.DTYPES[args.dtype], attn_implementation="sdpa")
         policy = AutoModelForCausalLM.from_pretrained(args.model_dir, **load)
         reference = AutoModelForCausalLM.from_pretrained(args.model_dir, **load).eval().requires_grad_(False)
         _maybe_checkpointing(policy, args)
@@ -182,8 +269,8 @@ def step_worker(args) -> None:
 
         @torch.no_grad()
         def opponent_logps(batch):
-            logits, labels = models.response_logits(reference, batch)
-            return losses.sequence_logps(logits, labels)
+            logits, labels = response_logits(reference, batch)
+            return sequence_logps(logits, labels)
 
     policy.train()
     if args.worker == "fp32-master":
@@ -203,9 +290,9 @@ def step_worker(args) -> None:
     for _ in range(args.steps):
         start = time.perf_counter()
         opponent_real, opponent_generated = opponent_logps(batch).chunk(2)
-        logits, labels = models.response_logits(policy, batch)
-        real, generated = losses.sequence_logps(logits, labels).chunk(2)  # layout: [real; generated]
-        loss = losses.spin_loss(real, generated, opponent_real, opponent_generated)[0].mean()
+        logits, labels = response_logits(policy, batch)
+        real, generated = sequence_logps(logits, labels).chunk(2)  # layout: [real; generated]
+        loss = spin_loss(real, generated, opponent_real, opponent_generated)[0].mean()
         loss.backward()
         if args.worker == "fp32-master":
             for master, param in zip(masters, trainable):
@@ -240,7 +327,7 @@ def step_worker(args) -> None:
 def _random_batch(vocab_size: int, pairs: int, seq_len: int) -> dict:
     import torch
 
-    from lowrank_spin.losses import IGNORE_INDEX
+    from lowrank_spin.batching import IGNORE_INDEX
 
     input_ids = torch.randint(0, vocab_size, (2 * pairs, seq_len), generator=torch.Generator().manual_seed(0))
     labels = input_ids.clone()
@@ -284,6 +371,8 @@ def _mem_available_gb() -> float:
 
 def write_report(results: dict, output: Path) -> None:
     lines = [
+        f"dtype: {results['dtype']} ({results['dtype_reason']})",
+        "",
         "| size | params | side | RSS after load GB | load peak GB | train peak GB | peak GB | ours / this |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -293,7 +382,9 @@ def write_report(results: dict, output: Path) -> None:
                 continue
             r = row[side]
             if "skipped" in r:
-                lines.append(f"| {size} | {row['num_parameters'] / 1e6:.0f}M | two-model {side} | skipped: {r['skipped']} | | | | |")
+                lines.append(
+                    f"| {size} | {row['num_parameters'] / 1e6:.0f}M | two-model {side} | skipped: {r['skipped']} | | | | |"
+                )
                 continue
             ratio = row.get(f"ratio_ours_over_{side}")
             name = "ours (nf4 + LoRA adapters)" if side == "ours" else f"two-model {side}"

@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/bench_scaling.py --num-prompts 64 128 256 512 --max-new-tokens 32 --output benchmarks/results/scaling.json
     .venv/bin/python benchmarks/bench_scaling.py --num-prompts 64 --iterations 3 --output benchmarks/results/scaling_iterations.json
 
-`configs/smollm2_spin_bf16.yaml` (SmolLM2-135M-Instruct, bf16 base, LoRA r=16 all-linear, batch 8,
-generation batch 16) with evaluation off (`--data.num_val 0`), `--iterations` SPIN iterations of one
+`configs/smollm2_spin_bf16.yaml` (SmolLM2-135M-Instruct, LoRA r=16 all-linear, batch 8, generation
+batch 16) with its base in `--dtype` (default `auto`: bf16 where this CPU has native bf16, else float32;
+`models.choose_dtype`, recorded in the output; `--dtype bfloat16` is the config's own) and evaluation
+off (`--data.num_val 0`), `--iterations` SPIN iterations of one
 epoch each, one fresh `lowrank-spin fit` process per N, run one after another. Per N: wall seconds,
 seconds per prompt, the generation / opponent-scoring / training phases (metrics CSV plus the read-only
 timing callback in benchmarks/spin_phase_probe.py) and the child's peak RSS (os.wait4).
@@ -30,23 +32,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-prompts", nargs="+", type=int, default=[64, 128, 256, 512])
     parser.add_argument("--iterations", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="the config's 96; 32 keeps 512 prompts affordable")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=96, help="the config's 96; 32 keeps 512 prompts affordable"
+    )
+    parser.add_argument(
+        "--model", default=None, help="model.model_name_or_path (default: the config's SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=spin_cli_run.DTYPE_CHOICES, help="of the base; auto: models.choose_dtype"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sample-every", type=float, default=0.5, help="seconds between the parent's RSS samples")
     parser.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--output", default="benchmarks/results/scaling.json")
     args = parser.parse_args()
 
+    dtype, reason = spin_cli_run.resolve_dtype(args.dtype)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scaling."))
-    results = {"machine": report.machine(args.threads),
-               "settings": vars(args), "runs": []}
+    results = {
+        "machine": report.machine(args.threads),
+        "settings": vars(args),
+        "dtype": dtype,
+        "dtype_reason": reason,
+        "runs": [],
+    }
     for n in args.num_prompts:
         print(f"{n} prompts, {args.iterations} iteration(s) ...", flush=True)
         overrides = [
-            "--model.num_iterations", str(args.iterations),
-            "--data.num_train", str(n),
-            "--data.max_new_tokens", str(args.max_new_tokens),
-        ]
+            "--model.num_iterations",
+            str(args.iterations),
+            "--data.num_train",
+            str(n),
+            "--data.sampling.max_new_tokens",
+            str(args.max_new_tokens),
+            "--model.dtype",
+            dtype,
+        ] + (["--model.model_name_or_path", args.model] if args.model else [])
         run = spin_cli_run.run_fit(workdir / f"n{n}", overrides, threads=args.threads, sample_every=args.sample_every)
         p = spin_cli_run.phases(run)
         windows = _iteration_windows(run)
@@ -84,6 +105,8 @@ def _iteration_windows(run: dict) -> list[tuple[float, float]]:
 def write_report(results: dict, output: Path) -> None:
     iterations = results["settings"]["iterations"]
     lines = [
+        f"base dtype: {results['dtype']} ({results['dtype_reason']})",
+        "",
         f"| prompts | wall s | after load s | s per prompt{' per iteration' if iterations > 1 else ''} | generation s | scoring s | train s | peak RSS GB |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -93,8 +116,11 @@ def write_report(results: dict, output: Path) -> None:
             f"{r['generation_s']:.0f} | {r['scoring_s']:.0f} | {r['train_s']:.0f} | {r['peak_rss_gb']:.2f} |"
         )
     if iterations > 1:
-        lines += ["", "| prompts | iteration | RSS after scoring GB | RSS after training GB | peak so far GB | max sampled RSS GB | generation s | train s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| prompts | iteration | RSS after scoring GB | RSS after training GB | peak so far GB | max sampled RSS GB | generation s | train s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in results["runs"]:
             for it in r["iterations"]:
                 sampled = f"{it['sampled_max_rss_gb']:.2f}" if it["sampled_max_rss_gb"] is not None else "n/a"

@@ -3,15 +3,18 @@
     .venv/bin/pip install -e .[bench]    # trl==1.16.0, a benchmark-only extra
     .venv/bin/python benchmarks/bench_vs_trl.py --num-prompts 64 --output benchmarks/results/vs_trl.json
 
-Both sides: SmolLM2-135M-Instruct with a bf16 base and LoRA r=16, alpha 32 on every linear layer; the
-same N prompts of the embedded math task (`math_task.make_splits(N, 0, 0)["train"]`) rendered with the
+Both sides: SmolLM2-135M-Instruct (`--model`) with a `--dtype` base (default `auto`: bf16 where this
+CPU has native bf16, else float32, resolved once with `models.choose_dtype` and recorded in the output)
+and LoRA r=16, alpha 32 on every linear layer; the
+same N prompts of the embedded math task (`embedded.task.make_splits(N, 0, 0)["train"]`) rendered with the
 same chat template; sampling at temperature 1 with top_k 50 (transformers' default), top_p 1 and 96 new tokens, generation batch 16; then
 1 epoch of the SPIN/DPO logistic loss with beta 0.1, real = chosen and generated = rejected, batch 8
 pairs, AdamW at a constant lr 5e-5, no gradient clipping, no gradient checkpointing, the same torch
 thread count; the opponent/reference is the base with adapters off (iteration 0), its log-probs
 precomputed once.
 
-- ours: the unchanged CLI for one iteration without evaluation (`--data.num_val 0`), in a subprocess.
+- ours: the unchanged CLI for one iteration without evaluation (`--data.num_val 0`), in a subprocess,
+  with `--model.optimizer.schedule constant` (the CLI's default warms up and decays linearly).
   Phases come from the run's metrics CSV and a read-only timing callback (benchmarks/spin_cli_run.py).
 - TRL: a subprocess of this script: `model.generate` in batches of 16 with left padding, then
   `DPOTrainer(peft_config=LoraConfig(...), precompute_ref_log_probs=True, max_length=256)`.
@@ -41,9 +44,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="an embedded model name, a hub id or a local folder"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=spin_cli_run.DTYPE_CHOICES,
+        help="of the base on both sides; auto: models.choose_dtype",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
     parser.add_argument("--order", default="ours,trl", choices=["ours,trl", "trl,ours"])
-    parser.add_argument("--trl-bf16-autocast", action="store_true", help="DPOConfig(bf16=True): CPU autocast (ours has none)")
+    parser.add_argument(
+        "--trl-bf16-autocast", action="store_true", help="DPOConfig(bf16=True): CPU autocast (ours has none)"
+    )
     parser.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--output", default="benchmarks/results/vs_trl.json")
     parser.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
@@ -53,6 +67,8 @@ def main() -> None:
         trl_worker(args)
         return
 
+    setting = args.dtype
+    args.dtype, reason = spin_cli_run.resolve_dtype(setting)  # both sides get the resolved name
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_vs_trl."))
     sides = {}
     for side in args.order.split(","):
@@ -62,11 +78,14 @@ def main() -> None:
     ours, trl = sides["ours"], sides["trl"]
     results = {
         "machine": report.machine(args.threads),
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("worker")} | {"dtype": setting},
+        "dtype": args.dtype,
+        "dtype_reason": reason,
         "ours": ours,
         "trl": trl,
         "ratio_trl_over_ours": {
-            key: trl[key] / ours[key] for key in ("total_s", "work_s", "generate_s", "scoring_s", "train_s", "peak_rss_gb")
+            key: trl[key] / ours[key]
+            for key in ("total_s", "work_s", "generate_s", "scoring_s", "train_s", "peak_rss_gb")
         },
     }
     write_report(results, Path(args.output))
@@ -74,9 +93,18 @@ def main() -> None:
 
 def run_ours(args, run_dir: Path) -> dict:
     overrides = [
-        "--model.num_iterations", "1",
-        "--data.num_train", str(args.num_prompts),
-        "--data.max_new_tokens", str(args.max_new_tokens),
+        "--model.num_iterations",
+        "1",
+        "--data.num_train",
+        str(args.num_prompts),
+        "--data.sampling.max_new_tokens",
+        str(args.max_new_tokens),
+        "--model.model_name_or_path",
+        args.model,
+        "--model.dtype",
+        args.dtype,
+        "--model.optimizer.schedule",
+        "constant",  # as TRL's lr_scheduler_type="constant" below
     ]
     run = spin_cli_run.run_fit(run_dir, overrides, threads=args.threads)
     p = spin_cli_run.phases(run)
@@ -104,9 +132,24 @@ def run_trl(args, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "trl_worker.json"
     cmd = [
-        sys.executable, __file__, "--worker", "trl", "--worker-output", str(out),
-        "--num-prompts", str(args.num_prompts), "--max-new-tokens", str(args.max_new_tokens),
-        "--threads", str(args.threads), "--workdir", str(workdir),
+        sys.executable,
+        __file__,
+        "--worker",
+        "trl",
+        "--worker-output",
+        str(out),
+        "--num-prompts",
+        str(args.num_prompts),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--threads",
+        str(args.threads),
+        "--workdir",
+        str(workdir),
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
     ] + (["--trl-bf16-autocast"] if args.trl_bf16_autocast else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
     log_path = workdir / "child.log"
@@ -116,7 +159,9 @@ def run_trl(args, workdir: Path) -> dict:
         _, status, usage = os.wait4(child.pid, 0)
     wall = time.time() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"TRL worker failed; last lines of {log_path}:\n" + "".join(log_path.read_text().splitlines(True)[-40:]))
+        raise RuntimeError(
+            f"TRL worker failed; last lines of {log_path}:\n" + "".join(log_path.read_text().splitlines(True)[-40:])
+        )
     result = json.loads(out.read_text())
     result["startup_s"] = result.pop("imported_at") - start
     result["total_s"] = wall
@@ -132,21 +177,27 @@ def trl_worker(args) -> None:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from lowrank_spin import math_task, models
+    from lowrank_spin import models
+    from lowrank_spin.embedded import task
 
     datasets.disable_progress_bars()
     torch.set_num_threads(args.threads)
     imported_at = time.time()
 
     start = time.perf_counter()
-    path = models.resolve_model_path(models.SMOLLM2)
+    path = models.resolve_model_path(args.model)
     tokenizer = models.load_tokenizer(path)  # pad = eos when missing, as ours
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=models.DTYPES[args.dtype], attn_implementation="sdpa")
     load_s = time.perf_counter() - start
     rss_after_load = spin_cli_run.rss_gb()[0]
 
-    problems = math_task.make_splits(args.num_prompts, 0, 0, seed=0)["train"]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=False) for p in problems]
+    problems = task.make_splits(args.num_prompts, 0, 0, seed=0)["train"]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        for p in problems
+    ]
 
     # generation: the plain HF way, in dataset order, left-padded batches of 16
     tokenizer.padding_side = "left"
@@ -158,8 +209,15 @@ def trl_worker(args) -> None:
         for i in range(0, len(prompts), 16):
             inputs = tokenizer(prompts[i : i + 16], return_tensors="pt", padding=True, add_special_tokens=False)
             output = model.generate(
-                **inputs, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=50, top_p=1.0,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=True,
+                temperature=1.0,
+                top_k=50,
+                top_p=1.0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
             )
             for row in output[:, inputs["input_ids"].shape[1] :].tolist():
                 tokens = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
@@ -210,7 +268,9 @@ def trl_worker(args) -> None:
                 timings["ref_logps_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    trainer = TimedDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    trainer = TimedDPOTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
+    )
     init_s = time.perf_counter() - start
     start = time.perf_counter()
     output = trainer.train()
@@ -237,13 +297,26 @@ def trl_worker(args) -> None:
 def write_report(results: dict, output: Path) -> None:
     ours, trl, ratio = results["ours"], results["trl"], results["ratio_trl_over_ours"]
     rows = [
-        ("start-up (imports) s", "startup_s"), ("model load s", "model_load_s"), ("generate s", "generate_s"),
-        ("generation new tok/s", "generation_tokens_per_s"), ("scoring / ref log-probs s", "scoring_s"),
-        ("train 1 epoch s", "train_s"), ("work (after load) s", "work_s"), ("**total wall s**", "total_s"),
-        ("train steps", "train_steps"), ("final step loss", "final_step_loss"), ("epoch mean loss", "epoch_mean_loss"),
-        ("RSS after load GB", "rss_after_load_gb"), ("peak RSS GB", "peak_rss_gb"),
+        ("start-up (imports) s", "startup_s"),
+        ("model load s", "model_load_s"),
+        ("generate s", "generate_s"),
+        ("generation new tok/s", "generation_tokens_per_s"),
+        ("scoring / ref log-probs s", "scoring_s"),
+        ("train 1 epoch s", "train_s"),
+        ("work (after load) s", "work_s"),
+        ("**total wall s**", "total_s"),
+        ("train steps", "train_steps"),
+        ("final step loss", "final_step_loss"),
+        ("epoch mean loss", "epoch_mean_loss"),
+        ("RSS after load GB", "rss_after_load_gb"),
+        ("peak RSS GB", "peak_rss_gb"),
     ]
-    lines = [f"| {results['settings']['num_prompts']} prompts | lowrank-spin CLI | HF generate + TRL DPOTrainer | TRL / ours |", "|---|---|---|---|"]
+    lines = [
+        f"base dtype: {results['dtype']} ({results['dtype_reason']})",
+        "",
+        f"| {results['settings']['num_prompts']} prompts | lowrank-spin CLI | HF generate + TRL DPOTrainer | TRL / ours |",
+        "|---|---|---|---|",
+    ]
     for label, key in rows:
         r = f"{ratio[key]:.2f}x" if key in ratio else ""
         lines.append(f"| {label} | {_fmt(ours.get(key))} | {_fmt(trl.get(key))} | {r} |")
@@ -254,7 +327,13 @@ def write_report(results: dict, output: Path) -> None:
 def _fmt(value) -> str:
     if value is None:
         return "n/a"
-    return f"{value:.3f}" if isinstance(value, float) and abs(value) < 10 else f"{value:.1f}" if isinstance(value, float) else str(value)
+    return (
+        f"{value:.3f}"
+        if isinstance(value, float) and abs(value) < 10
+        else f"{value:.1f}"
+        if isinstance(value, float)
+        else str(value)
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ fit and iteration boundaries to a jsonl file; together with the run's metrics CS
 `generation/end_elapsed_seconds`, `time/train_epoch_seconds`, `train/loss_*`) that splits one iteration
 into start-up + model load, generation, opponent scoring, training and the iteration boundary.
 The parent reads the child's peak RSS from `os.wait4` and can sample its RSS every `sample_every` s.
+
+`BF16_CONFIG` forces a bf16 base; the callers pass `--model.dtype` resolved by `resolve_dtype` (from their
+own `--dtype`, default `auto`), so an AVX2-only CPU, which emulates bf16 matmuls, runs float32 instead.
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 BF16_CONFIG = REPO / "configs" / "smollm2_spin_bf16.yaml"
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # lowrank_spin.settings' AUTO and DTYPE_NAMES
+
+
+def resolve_dtype(setting: str) -> tuple[str, str]:
+    """(dtype name, reason) for a benchmark's `--dtype`: `models.choose_dtype` on this CPU, printed."""
+    from lowrank_spin import models
+
+    dtype, reason = models.choose_dtype(setting, "cpu")
+    print(f"dtype: {dtype} ({reason})", flush=True)
+    return dtype, reason
 
 
 def run_fit(
@@ -45,15 +58,23 @@ def run_fit(
     args = [
         *_cli_command(),
         "fit",
-        "--config", str(config),
-        "--data.num_val", "0",  # no evaluation: nothing to score before, between or after iterations
-        "--data.num_test", "0",  # the train split then equals math_task.make_splits(N, 0, 0)["train"]
-        "--data.heldout_reward_pairs", "0",
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.logger.init_args.save_dir", str(run_dir),
-        "--trainer.enable_progress_bar", "false",
+        "--config",
+        str(config),
+        "--data.num_val",
+        "0",  # no evaluation: nothing to score before, between or after iterations
+        "--data.num_test",
+        "0",  # the train split then equals embedded.task.make_splits(N, 0, 0)["train"]
+        "--data.evaluation.heldout_reward_pairs",
+        "0",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir),
+        "--trainer.enable_progress_bar",
+        "false",
         "--trainer.callbacks+=spin_phase_probe.PhaseProbe",
-        "--trainer.callbacks.path", str(probe_path),
+        "--trainer.callbacks.path",
+        str(probe_path),
         *overrides,
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(BENCHMARKS), os.environ.get("PYTHONPATH")])))
@@ -106,22 +127,24 @@ def phases(run: dict) -> dict:
         steps = [r for r in rows if r.get("train/loss_step") is not None and r.get("iteration") == t]
         epoch = next((r for r in rows if r.get("train/loss_epoch") is not None and r.get("epoch") == t), {})
         next_start = generation_start[t + 1] if t + 1 < len(generation_start) else fit_end["wall"]
-        iterations.append({
-            "iteration": t,
-            "generation_s": gen["generation/seconds"],
-            "generation_tokens_per_s": gen["generation/tokens_per_second"],
-            "generation_unfinished_fraction": gen["generation/unfinished_fraction"],
-            # opponent log-probs of real and generated, once per iteration, and writing synthetic.jsonl
-            "scoring_s": epoch_start["elapsed"] - gen["generation/end_elapsed_seconds"],
-            "train_s": epoch_seconds[t] if t < len(epoch_seconds) else epoch_end["wall"] - epoch_start["wall"],
-            "boundary_s": next_start - epoch_end["wall"],
-            "train_steps": len(steps),
-            "final_step_loss": steps[-1]["train/loss_step"] if steps else None,
-            "epoch_mean_loss": epoch.get("train/loss_epoch"),
-            "rss_after_scoring_gb": epoch_start["rss_gb"],
-            "rss_after_training_gb": epoch_end["rss_gb"],
-            "peak_rss_so_far_gb": epoch_end["hwm_gb"],
-        })
+        iterations.append(
+            {
+                "iteration": t,
+                "generation_s": gen["generation/seconds"],
+                "generation_tokens_per_s": gen["generation/tokens_per_second"],
+                "generation_unfinished_fraction": gen["generation/unfinished_fraction"],
+                # opponent log-probs of real and generated, once per iteration, and writing synthetic.jsonl
+                "scoring_s": epoch_start["elapsed"] - gen["generation/end_elapsed_seconds"],
+                "train_s": epoch_seconds[t] if t < len(epoch_seconds) else epoch_end["wall"] - epoch_start["wall"],
+                "boundary_s": next_start - epoch_end["wall"],
+                "train_steps": len(steps),
+                "final_step_loss": steps[-1]["train/loss_step"] if steps else None,
+                "epoch_mean_loss": epoch.get("train/loss_epoch"),
+                "rss_after_scoring_gb": epoch_start["rss_gb"],
+                "rss_after_training_gb": epoch_end["rss_gb"],
+                "peak_rss_so_far_gb": epoch_end["hwm_gb"],
+            }
+        )
     return {
         "startup_s": setup["wall"] - run["launch_time"],  # interpreter, imports, CLI parsing, data set-up
         "model_load_s": fit_start["wall"] - setup["wall"],  # load the base, attach LoRA, build the optimizer

@@ -24,7 +24,10 @@ class PhaseProbe(L.Callback):
         rss, hwm = rss_gb()
         elapsed = module.elapsed_seconds() if module is not None and hasattr(module, "elapsed_seconds") else None
         with open(self.path, "a") as f:
-            f.write(json.dumps({"event": name, "wall": time.time(), "elapsed": elapsed, "rss_gb": rss, "hwm_gb": hwm}) + "\n")
+            f.write(
+                json.dumps({"event": name, "wall": time.time(), "elapsed": elapsed, "rss_gb": rss, "hwm_gb": hwm})
+                + "\n"
+            )
 
     def setup(self, trainer, module, stage: str) -> None:
         self._event("setup")

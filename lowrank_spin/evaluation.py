@@ -56,7 +56,7 @@ def heldout_rewards(model, opponent: Opponent, examples: list[dict], samples: li
     """
     tokenizer = opponent.tokenizer
     pairs = [
-        {**e, "generated_ids": response_ids(tokenizer, s["generated"], s.get("finished", True))}
+        {**e, "generated_ids": response_ids(tokenizer, s["generated"], s.get("finished", True), e["prompt"])}
         for e, s in zip(examples, samples)
         if s["prompt"] == e["prompt"]
     ]

@@ -202,12 +202,15 @@ class EvaluationSettings:
         heldout_reward_pairs: how many evaluation prompts also score SPIN's reward accuracy/margin on
             held-out (gold, opponent answer) pairs each iteration (two extra forwards per pair; 0 = off).
         max_new_tokens: the longest greedy answer (default: `data.sampling.max_new_tokens`).
+        max_examples: evaluate the first N examples of the split (None = all; ultrachat's test split
+            holds 23k prompts, each a greedy generation per iteration).
     """
 
     split: str = "validation"
     every_iteration: bool = True
     heldout_reward_pairs: int = 24
     max_new_tokens: int | None = None
+    max_examples: int | None = None
 
     def errors(self, prefix: str = "data.evaluation") -> list[str]:
         """Error strings for the bad fields (empty when all are fine)."""
@@ -216,8 +219,9 @@ class EvaluationSettings:
             errors.append(f"{prefix}.split: must be one of {EVAL_SPLITS}, got {self.split!r}")
         if self.heldout_reward_pairs < 0:
             errors.append(f"{prefix}.heldout_reward_pairs: must be >= 0, got {self.heldout_reward_pairs}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            errors.append(f"{prefix}.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        for name in ("max_new_tokens", "max_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                errors.append(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
         return errors
 
 

@@ -102,8 +102,9 @@ def test_config_data_section_loads(config, tmp_path, monkeypatch):
         assert isinstance(row["prompt"], str) and row["prompt"].strip() and isinstance(row["response"], str) and row["response"].strip()
     if fixture is None:  # the embedded task, also written as jsonl
         assert {p.name for p in (tmp_path / "run" / "data").iterdir()} == {"train.jsonl", "validation.jsonl", "test.jsonl"}
-    else:  # ultrachat: the first exchange of `messages`, with a seeded share held out for evaluation
-        rows = records["train"] + records["validation"]
-        assert sorted(r["prompt"] for r in rows) == sorted(r["prompt"] for r in ultrachat_rows())
-        assert all(r["response"] == r["prompt"].replace("Question", "Answer").replace("?", ".") for r in rows)
-        assert len(records["validation"]) == 1, "data.val_fraction 0.1 of 6 rows, at least one"
+    else:  # ultrachat: the first exchange of `messages`; validation from `val_split` (test_sft on the hub)
+        expected = sorted(r["prompt"] for r in ultrachat_rows())
+        assert sorted(r["prompt"] for r in records["train"]) == expected
+        assert sorted(r["prompt"] for r in records["validation"]) == expected, "one local file stands for both splits"
+        for row in records["train"] + records["validation"]:
+            assert row["response"] == row["prompt"].replace("Question", "Answer").replace("?", ".")

@@ -93,3 +93,18 @@ def test_sampling_with_top_k_1_is_greedy(tiny_model_dir, tokenizer):
     for prompt, ours in zip(prompts, greedy):  # and temperature 0 is transformers' own greedy decoding
         reference = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         assert reference[0, len(prompt) :].tolist()[: len(ours.token_ids)] == ours.token_ids
+
+
+def test_sampler_log_probs_stop_at_any_end_of_turn_id():
+    """Stop ids (3, 4): row 0 draws 3 at step 1, row 1 draws 4 at step 2; nothing is added after.
+    Each step's logits are log-probs (logsumexp 0), so a row's sum is the drawn tokens' log-probs."""
+    probs = {
+        1: [[0.1, 0.1, 0.1, 0.6, 0.1], [0.5, 0.2, 0.1, 0.1, 0.1]],  # row 0 draws 3 (stop), row 1 draws 0
+        2: [[0.7, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.1, 0.1, 0.6]],  # row 1 draws 4 (stop)
+        3: [[0.6, 0.1, 0.1, 0.1, 0.1], [0.6, 0.1, 0.1, 0.1, 0.1]],
+    }
+    sampler = Sampler(0.0, eos_token_id=[3, 4])
+    drawn = [sampler(None, torch.tensor(p).log()).argmax(-1).tolist() for p in probs.values()]
+    assert drawn == [[3, 0], [0, 4], [0, 0]]
+    expected = torch.tensor([0.6, 0.5 * 0.6], dtype=torch.float64).log()
+    torch.testing.assert_close(sampler.logps, expected)

@@ -227,8 +227,8 @@ class SelfPlayDataModule(L.LightningDataModule):
 
     @property
     def eval_examples(self) -> list[dict]:
-        """The examples of the evaluation split (empty when there is none)."""
-        return self.examples.get(self.eval_split) or []
+        """The examples of the evaluation split, at most `evaluation.max_examples` (empty when there is none)."""
+        return (self.examples.get(self.eval_split) or [])[: self.evaluation.max_examples]
 
     # ---- self-play data of one iteration: generate → score → write → serve ------------------------
 

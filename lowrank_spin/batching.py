@@ -83,7 +83,10 @@ class SharedPromptCollator:
             "position_ids": torch.tensor([p + [0] * (width - len(p)) for p in positions]),
             "segments": torch.tensor([s + [-1] * (width - len(s)) for s in segments]),
             "targets": torch.tensor(
-                [[[row[k].get(i, IGNORE_INDEX) for i in range(width)] for row in targets] for k in range(len(self.responses))]
+                [
+                    [[row[k].get(i, IGNORE_INDEX) for i in range(width)] for row in targets]
+                    for k in range(len(self.responses))
+                ]
             ),
         }
         return batch | _batch_info(examples, self.responses)
@@ -122,10 +125,14 @@ def length_grouped_order(lengths: list[int], batch_size: int, window: int, gener
         group = sorted(shuffled[start : start + window * batch_size], key=lambda i: lengths[i])
         batches += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
     last = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
-    return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]] + [i for b in last for i in b]
+    return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]] + [
+        i for b in last for i in b
+    ]
 
 
-def response_logits(model: torch.nn.Module, batch: dict, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logits(
+    model: torch.nn.Module, batch: dict, rows: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits from the last prompt token on, and the labels aligned with them.
 
     Prompt positions predict nothing that is scored, and the lm_head over SmolLM2's 49k vocabulary is
@@ -140,7 +147,9 @@ def response_logits(model: torch.nn.Module, batch: dict, rows: slice = slice(Non
     return logits, labels[:, width - keep :]
 
 
-def response_logps(model: torch.nn.Module, batch: dict, average: bool = False, num_responses: int | None = None) -> torch.Tensor:
+def response_logps(
+    model: torch.nn.Module, batch: dict, average: bool = False, num_responses: int | None = None
+) -> torch.Tensor:
     """Log-probs of the responses of `batch`, laid out [response_1; response_2; ...] along dim 0.
 
     Takes either layout: one row per (example, response) with `labels` (`Collator`), or
@@ -155,7 +164,9 @@ def response_logps(model: torch.nn.Module, batch: dict, average: bool = False, n
     first = _first_scored_position((targets != IGNORE_INDEX).any(0))
     keep = targets.shape[-1] - first  # positions from the earliest last-prompt-token on predict response tokens
     mask = shared_prompt_mask(batch["segments"], model)
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, logits_to_keep=keep).logits
+    logits = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, logits_to_keep=keep
+    ).logits
     return shared_prompt_logps(logits, targets[..., first:], average=average)
 
 
@@ -198,9 +209,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     # cross_entropy avoids materialising the full [batch, seq, vocab] log-softmax a second time.
-    token_logps = -F.cross_entropy(
-        logits.float().transpose(1, 2), labels.masked_fill(~mask, 0), reduction="none"
-    )
+    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels.masked_fill(~mask, 0), reduction="none")
     token_logps = token_logps * mask
     summed = token_logps.sum(-1)
     if average:

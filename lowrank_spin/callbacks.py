@@ -48,7 +48,10 @@ class IterationBoundaries(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(
-                {"time/train_epoch_seconds": time.perf_counter() - self._epoch_start, "time/iteration": module.iteration},
+                {
+                    "time/train_epoch_seconds": time.perf_counter() - self._epoch_start,
+                    "time/iteration": module.iteration,
+                },
                 step=trainer.global_step,
             )
         if (trainer.current_epoch + 1) % module.hparams.epochs_per_iteration:
@@ -84,7 +87,12 @@ class IterationBoundaries(L.Callback):
             return {}
         samples = json.loads(previous.read_text())[:limit]
         return heldout_rewards(
-            module.model, module.opponent, examples, samples, beta=module.beta_at(iteration), batch_size=trainer.datamodule.hparams.batch_size
+            module.model,
+            module.opponent,
+            examples,
+            samples,
+            beta=module.beta_at(iteration),
+            batch_size=trainer.datamodule.hparams.batch_size,
         )
 
     def _log_samples(self, trainer: L.Trainer, iteration: int, limit: int = 32) -> None:
@@ -95,15 +103,31 @@ class IterationBoundaries(L.Callback):
             return
         checker = trainer.datamodule.has_checker
         rows = [
-            [e["prompt"], e["response"], e["generated"], iteration, task.is_correct(e["generated"], e["answer"]) if checker else None]
+            [
+                e["prompt"],
+                e["response"],
+                e["generated"],
+                iteration,
+                task.is_correct(e["generated"], e["answer"]) if checker else None,
+            ]
             for e in pairs[:limit]
         ]
         for logger in loggers:
-            logger.log_table(key=f"samples/iter_{iteration}", columns=["prompt", "real", "generated", "iteration", "generated_correct"], data=rows)
+            logger.log_table(
+                key=f"samples/iter_{iteration}",
+                columns=["prompt", "real", "generated", "iteration", "generated_correct"],
+                data=rows,
+            )
 
     def on_fit_end(self, trainer: L.Trainer, module) -> None:
         if trainer.is_global_zero:
-            print(format_results(RunDir(trainer.default_root_dir).read_results(), run_dir=trainer.default_root_dir, logger=trainer.logger))
+            print(
+                format_results(
+                    RunDir(trainer.default_root_dir).read_results(),
+                    run_dir=trainer.default_root_dir,
+                    logger=trainer.logger,
+                )
+            )
         for logger in _wandb_loggers(trainer):
             # a run is one fit: finish it, so its summary is written and the next fit in this process
             # (e.g. the next arm of `lowrank-spin compare`) starts a run of its own
@@ -124,7 +148,13 @@ class IterationBoundaries(L.Callback):
             sampling=sampling,
             max_new_tokens=settings.max_new_tokens or sampling.max_new_tokens,
         )
-        metrics = {"iteration": iteration, "split": split, **metrics, **(rewards or {}), "seconds": time.perf_counter() - start}
+        metrics = {
+            "iteration": iteration,
+            "split": split,
+            **metrics,
+            **(rewards or {}),
+            "seconds": time.perf_counter() - start,
+        }
         for logger in trainer.loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if k != "split"}, step=trainer.global_step)
         if trainer.is_global_zero:
@@ -152,4 +182,3 @@ def format_results(results: dict[int, dict], run_dir: str, logger=None) -> str:
 
 def _wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-

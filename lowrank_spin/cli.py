@@ -73,7 +73,9 @@ class SelfPlayCLI(LightningCLI):
             errors += _previous_run_errors(self.trainer.default_root_dir)
         strategy = self.trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
-            errors += deepspeed_errors(strategy.zero_stage_3, self.model.hparams.load_in_4bit, self.model.optimizer_settings.name)
+            errors += deepspeed_errors(
+                strategy.zero_stage_3, self.model.hparams.load_in_4bit, self.model.optimizer_settings.name
+            )
         raise_if_any(errors)
         if isinstance(strategy, DeepSpeedStrategy):
             if isinstance(strategy.config, dict):
@@ -88,7 +90,9 @@ class SelfPlayCLI(LightningCLI):
         root = self.trainer.default_root_dir
         if kwargs.get("ckpt_path") is not None and _finished(root, model.hparams.num_iterations):
             if self.trainer.is_global_zero:
-                print(f"{root}: the run is finished (iteration {model.hparams.num_iterations - 1} saved and evaluated); nothing to resume")
+                print(
+                    f"{root}: the run is finished (iteration {model.hparams.num_iterations - 1} saved and evaluated); nothing to resume"
+                )
                 print(format_results(RunDir(root).read_results(), run_dir=root))
             return
         self.trainer.fit(model, **kwargs)

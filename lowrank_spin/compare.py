@@ -43,7 +43,12 @@ def main(argv: list[str], fit: Callable[[list[str]], object]) -> None:
     parser.add_argument("--output", default="runs/compare", help="one sub-folder per arm and data fraction")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--data_fractions", nargs="+", type=float, default=[1.0])
-    parser.add_argument("--num_train", type=int, default=None, help="annotated examples at fraction 1.0 (default: all the config's data, as given)")
+    parser.add_argument(
+        "--num_train",
+        type=int,
+        default=None,
+        help="annotated examples at fraction 1.0 (default: all the config's data, as given)",
+    )
     args, overrides = parser.parse_known_args(argv)  # anything else goes to every arm's `fit`
     bad = [f for f in args.data_fractions if not 0 < f <= 1]
     if bad:
@@ -55,7 +60,15 @@ def main(argv: list[str], fit: Callable[[list[str]], object]) -> None:
     print((output / "comparison.md").read_text())
 
 
-def run_arms(fit: Callable[[list[str]], object], config: str, output: Path, arms, fractions, num_train: int | None, overrides: list[str]) -> dict:
+def run_arms(
+    fit: Callable[[list[str]], object],
+    config: str,
+    output: Path,
+    arms,
+    fractions,
+    num_train: int | None,
+    overrides: list[str],
+) -> dict:
     """Run (or reuse) one `fit` per arm and data fraction; returns {(arm, fraction): run folder}.
 
     At fraction 1.0 an arm trains on the data as the config (and `overrides`) give it; below, on that
@@ -69,10 +82,15 @@ def run_arms(fit: Callable[[list[str]], object], config: str, output: Path, arms
             name = f"{arm}_{int(round(fraction * 100))}pct"
             run_dir = output / name
             args = [
-                "fit", "--config", config,
-                "--model.objective.name", arm,
-                "--trainer.default_root_dir", str(run_dir),
-                "--trainer.logger.init_args.save_dir", str(run_dir),
+                "fit",
+                "--config",
+                config,
+                "--model.objective.name",
+                arm,
+                "--trainer.default_root_dir",
+                str(run_dir),
+                "--trainer.logger.init_args.save_dir",
+                str(run_dir),
                 *([] if fraction == 1 else ["--data.evaluation.every_iteration", "false"]),
                 *overrides,
                 # after the overrides: a `--data.max_samples` among them is the data at 1.0, and sizes the fractions
@@ -85,7 +103,9 @@ def run_arms(fit: Callable[[list[str]], object], config: str, output: Path, arms
                     _share_before_evaluation(next(iter(runs.values())), run_dir)
                 print(f"[compare] {arm} at {fraction:.0%} of the data -> {run_dir}")
                 with _environment(WANDB_RUN_GROUP=group, WANDB_NAME=name):  # W&B reads these
-                    fit(args + (["--ckpt_path", "last"] if (RunDir(run_dir).checkpoints / "last.ckpt").exists() else []))
+                    fit(
+                        args + (["--ckpt_path", "last"] if (RunDir(run_dir).checkpoints / "last.ckpt").exists() else [])
+                    )
             runs[(arm, fraction)] = run_dir
     return runs
 
@@ -110,28 +130,42 @@ def collect(runs: dict) -> list[dict]:
         metrics = _read_metrics(run_dir)
         for result in json.loads((run_dir / "results.json").read_text()):
             iteration = result["iteration"]
-            steps = [m for m in metrics if m.get("rewards/accuracy") not in (None, "") and _float(m.get("iteration")) == iteration]
+            steps = [
+                m
+                for m in metrics
+                if m.get("rewards/accuracy") not in (None, "") and _float(m.get("iteration")) == iteration
+            ]
             train = [m for m in metrics if m.get("time/train_epoch_seconds") not in (None, "")]
-            generation = [m for m in metrics if m.get("generation/iteration") not in (None, "") and _float(m["generation/iteration"]) == iteration]
+            generation = [
+                m
+                for m in metrics
+                if m.get("generation/iteration") not in (None, "") and _float(m["generation/iteration"]) == iteration
+            ]
             epochs = [m for m in train if _float(m["time/iteration"]) == iteration]
-            rows.append({
-                "arm": arm,
-                "data_fraction": fraction,
-                "iteration": "before" if iteration < 0 else iteration,
-                "accuracy": result.get("accuracy"),
-                "accuracy_ci_low": result.get("accuracy_ci_low"),
-                "accuracy_ci_high": result.get("accuracy_ci_high"),
-                **{k: v for k, v in result.items() if k.startswith("accuracy_") and k.endswith("_steps")},
-                "nll": result["nll"],
-                "generated_tokens": result["generated_tokens"],
-                # held-out pairs (gold vs the opponent's answers), and the training pairs of the iteration
-                "reward_accuracy": result.get("reward_accuracy"),
-                "reward_margin": result.get("reward_margin"),
-                "train_reward_accuracy": _mean(steps, "rewards/accuracy"),
-                "train_reward_margin": _mean(steps, "rewards/margin"),
-                "train_seconds": sum(_float(m["time/train_epoch_seconds"]) for m in epochs) if iteration >= 0 else None,
-                "generation_seconds": sum(_float(m["generation/seconds"]) for m in generation) if iteration >= 0 else None,
-            })
+            rows.append(
+                {
+                    "arm": arm,
+                    "data_fraction": fraction,
+                    "iteration": "before" if iteration < 0 else iteration,
+                    "accuracy": result.get("accuracy"),
+                    "accuracy_ci_low": result.get("accuracy_ci_low"),
+                    "accuracy_ci_high": result.get("accuracy_ci_high"),
+                    **{k: v for k, v in result.items() if k.startswith("accuracy_") and k.endswith("_steps")},
+                    "nll": result["nll"],
+                    "generated_tokens": result["generated_tokens"],
+                    # held-out pairs (gold vs the opponent's answers), and the training pairs of the iteration
+                    "reward_accuracy": result.get("reward_accuracy"),
+                    "reward_margin": result.get("reward_margin"),
+                    "train_reward_accuracy": _mean(steps, "rewards/accuracy"),
+                    "train_reward_margin": _mean(steps, "rewards/margin"),
+                    "train_seconds": sum(_float(m["time/train_epoch_seconds"]) for m in epochs)
+                    if iteration >= 0
+                    else None,
+                    "generation_seconds": sum(_float(m["generation/seconds"]) for m in generation)
+                    if iteration >= 0
+                    else None,
+                }
+            )
     _add_paired_differences(rows, runs)
     return rows
 
@@ -148,7 +182,10 @@ def _add_paired_differences(rows: list[dict], runs: dict) -> None:
     for row in rows:
         if row["iteration"] == "before" or row["arm"] == "sft" or row["accuracy"] is None:
             continue
-        mine, sft = correct(row["arm"], row["data_fraction"], row["iteration"]), correct("sft", row["data_fraction"], row["iteration"])
+        mine, sft = (
+            correct(row["arm"], row["data_fraction"], row["iteration"]),
+            correct("sft", row["data_fraction"], row["iteration"]),
+        )
         if mine and sft and len(mine) == len(sft):
             row["vs_sft"], row["vs_sft_ci_low"], row["vs_sft_ci_high"] = paired_difference(mine, sft)
 
@@ -166,8 +203,16 @@ def write_report(rows: list[dict], runs: dict, output: Path) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.3f} [{r['accuracy_ci_low']:.3f}, {r['accuracy_ci_high']:.3f}]"
-        versus = f"{r['vs_sft']:+.3f} [{r['vs_sft_ci_low']:+.3f}, {r['vs_sft_ci_high']:+.3f}]" if r.get("vs_sft") is not None else ""
+        accuracy = (
+            "n/a"
+            if r["accuracy"] is None
+            else f"{r['accuracy']:.3f} [{r['accuracy_ci_low']:.3f}, {r['accuracy_ci_high']:.3f}]"
+        )
+        versus = (
+            f"{r['vs_sft']:+.3f} [{r['vs_sft_ci_low']:+.3f}, {r['vs_sft_ci_high']:+.3f}]"
+            if r.get("vs_sft") is not None
+            else ""
+        )
         lines.append(
             f"| {r['arm']} | {r['data_fraction']:.0%} | {r['iteration']} | {accuracy} | {versus} | {r['nll']:.3f} | {r['generated_tokens']:.1f} "
             f"| {_fmt(r['reward_accuracy'])} / {_fmt(r['reward_margin'])} | {_fmt(r['train_reward_accuracy'])} / {_fmt(r['train_reward_margin'])} "
@@ -193,7 +238,9 @@ def plot(rows: list[dict], runs: dict, output: Path) -> None:
             xs = [-1 if r["iteration"] == "before" else r["iteration"] for r in points]
             ax.plot(xs, [r[key] for r in points], marker="o", label=arm)
             if key == "accuracy":
-                ax.fill_between(xs, [r["accuracy_ci_low"] for r in points], [r["accuracy_ci_high"] for r in points], alpha=0.15)
+                ax.fill_between(
+                    xs, [r["accuracy_ci_low"] for r in points], [r["accuracy_ci_high"] for r in points], alpha=0.15
+                )
         ax.set_xlabel("iteration (-1: before)")
         ax.set_ylabel(label)
         ax.legend()
@@ -207,12 +254,21 @@ def plot(rows: list[dict], runs: dict, output: Path) -> None:
             continue
         metrics = _read_metrics(run_dir)
         steps = [m for m in metrics if m.get("train/loss_step") not in (None, "")]
-        ax.plot([_float(m["time/elapsed_seconds"]) for m in steps], [_float(m["train/loss_step"]) for m in steps], label=arm)
+        ax.plot(
+            [_float(m["time/elapsed_seconds"]) for m in steps], [_float(m["train/loss_step"]) for m in steps], label=arm
+        )
         for m in metrics:  # generation phases of this arm, shaded
             if m.get("generation/seconds") not in (None, ""):
                 end = _float(m["generation/end_elapsed_seconds"])
                 ax.axvspan(end - _float(m["generation/seconds"]), end, alpha=0.08, color="gray")
-                ax.text(end, ax.get_ylim()[1] if ax.has_data() else 0, f" iter {int(_float(m['generation/iteration']))} generate_data", fontsize=6, rotation=90, va="top")
+                ax.text(
+                    end,
+                    ax.get_ylim()[1] if ax.has_data() else 0,
+                    f" iter {int(_float(m['generation/iteration']))} generate_data",
+                    fontsize=6,
+                    rotation=90,
+                    va="top",
+                )
     ax.set_xlabel("wall-clock seconds (shaded: generation)")
     ax.set_ylabel("train/loss")
     ax.legend()
@@ -225,7 +281,9 @@ def plot(rows: list[dict], runs: dict, output: Path) -> None:
         for arm in dict.fromkeys(r["arm"] for r in rows):
             finals = []
             for fraction in fractions:
-                arm_rows = [r for r in rows if r["arm"] == arm and r["data_fraction"] == fraction and r["iteration"] != "before"]
+                arm_rows = [
+                    r for r in rows if r["arm"] == arm and r["data_fraction"] == fraction and r["iteration"] != "before"
+                ]
                 finals.append(arm_rows[-1]["accuracy"] if arm_rows else math.nan)
             ax.plot(fractions, finals, marker="o", label=arm)
         ax.set_xlabel("fraction of annotated data")
@@ -277,7 +335,9 @@ def _training_rows(data: dict) -> tuple[int, str]:
     data = {name: p.default for name, p in parameters.items() if name != "self"} | data
     budget = f", data.max_samples {data['max_samples']}" if data["max_samples"] else ""
     if data["dataset"] == MATH:
-        return min(data["num_train"], data["max_samples"] or data["num_train"]), f"the embedded math task's train split{budget}"
+        return min(
+            data["num_train"], data["max_samples"] or data["num_train"]
+        ), f"the embedded math task's train split{budget}"
     # The DataModule reads the data itself (once; cheap next to a fit): the rows it holds out for
     # evaluation and the config's own max_samples are counted exactly as every arm's `fit` counts them.
     flat = {k: v for k, v in data.items() if k not in ("sampling", "evaluation")}

@@ -16,7 +16,9 @@ from lowrank_spin.opponent import Opponent
 from lowrank_spin.settings import SamplingSettings
 
 
-def evaluate(model, tokenizer, examples: list[dict], check_answers: bool, sampling: SamplingSettings, max_new_tokens: int) -> tuple[dict, list[dict]]:
+def evaluate(
+    model, tokenizer, examples: list[dict], check_answers: bool, sampling: SamplingSettings, max_new_tokens: int
+) -> tuple[dict, list[dict]]:
     """Greedy answers and gold NLL of `model` (the policy) on `examples` (dicts with prompt_ids, real_ids, ...).
 
     Returns (metrics, samples): metrics `nll` (per token), `generated_tokens`, `unfinished_fraction`,
@@ -32,7 +34,10 @@ def evaluate(model, tokenizer, examples: list[dict], check_answers: bool, sampli
         "unfinished_fraction": sum(not g.finished for g in generated) / len(generated),
         "accuracy": None,
     }
-    samples = [{"prompt": e["prompt"], "real": e["response"], "generated": g.text, "finished": g.finished} for e, g in zip(examples, generated)]
+    samples = [
+        {"prompt": e["prompt"], "real": e["response"], "generated": g.text, "finished": g.finished}
+        for e, g in zip(examples, generated)
+    ]
     if check_answers:
         correct = [task.is_correct(g.text, e["answer"]) for e, g in zip(examples, generated)]
         metrics["accuracy"] = sum(correct) / len(correct)
@@ -48,7 +53,9 @@ def evaluate(model, tokenizer, examples: list[dict], check_answers: bool, sampli
 
 
 @torch.no_grad()
-def heldout_rewards(model, opponent: Opponent, examples: list[dict], samples: list[dict], beta: float, batch_size: int) -> dict[str, float]:
+def heldout_rewards(
+    model, opponent: Opponent, examples: list[dict], samples: list[dict], beta: float, batch_size: int
+) -> dict[str, float]:
     """Reward accuracy and margin of the policy `model` against `opponent` on held-out pairs:
     real = the gold response, generated = `samples` (the opponent's answers to the same prompts).
 

@@ -31,7 +31,11 @@ def safe_point(point: str) -> None:
     """A point where stopping loses nothing: exit if SIGTERM arrived, SIGKILL if `LOWRANK_SPIN_KILL_AT`
     names `point` for this visit; otherwise return None."""
     if _stop_requested:
-        print(f"SIGTERM received: stopping at a safe point ({point}); resume with --ckpt_path last", file=sys.stderr, flush=True)
+        print(
+            f"SIGTERM received: stopping at a safe point ({point}); resume with --ckpt_path last",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(128 + signal.SIGTERM)
     spec = os.environ.get("LOWRANK_SPIN_KILL_AT")
     if not spec:

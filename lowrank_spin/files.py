@@ -12,7 +12,9 @@ from pathlib import Path
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename; returns None."""
     # a temporary name of its own, so concurrent writers (e.g. DDP ranks) never rename each other's file
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    ) as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -76,7 +78,9 @@ class RunDir:
     def previous_run(self) -> list[str]:
         """What an earlier run left here (adapters, synthetic data, checkpoints, evaluated iterations),
         as paths relative to the root; empty for a new folder or one holding only a seeded "before" row."""
-        found = [str(p.relative_to(self.root)) for p in sorted(self.root.glob("iter_*/*")) if p.name != "eval_samples.json"]
+        found = [
+            str(p.relative_to(self.root)) for p in sorted(self.root.glob("iter_*/*")) if p.name != "eval_samples.json"
+        ]
         found += [str(p.relative_to(self.root)) for p in sorted(self.checkpoints.glob("*.ckpt"))]
         if set(self.read_results()) - {self.BEFORE}:
             found.append(self.results.name)

@@ -75,11 +75,19 @@ def generate_responses(
     try:
         with _without_model_logits_processors(model):
             total = sum(len(batch) for _, batch in mine)
-            bar = tqdm(total=total, initial=total - sum(len(b) for _, b in pending), desc=desc, unit="prompt", disable=shard[0] > 0)
+            bar = tqdm(
+                total=total,
+                initial=total - sum(len(b) for _, b in pending),
+                desc=desc,
+                unit="prompt",
+                disable=shard[0] > 0,
+            )
             for batch_index, batch in pending:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed * 1_000_003 + batch_index)
-                    outputs = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], sampling, stop_ids, zero3)
+                    outputs = _generate_batch(
+                        model, tokenizer, [prompt_ids[i] for i in batch], sampling, stop_ids, zero3
+                    )
                 for i, generated in zip(batch, outputs):
                     done[i] = generated
                     new_tokens += generated.num_tokens
@@ -97,7 +105,12 @@ def generate_responses(
             log.close()
         model.train(was_training)
     seconds = time.perf_counter() - start
-    stats = {"seconds": seconds, "new_tokens": new_tokens, "tokens_per_second": new_tokens / max(seconds, 1e-9), "batches": len(pending)}
+    stats = {
+        "seconds": seconds,
+        "new_tokens": new_tokens,
+        "tokens_per_second": new_tokens / max(seconds, 1e-9),
+        "batches": len(pending),
+    }
     return [done.get(i) for i in range(len(prompt_ids))], stats
 
 
@@ -137,10 +150,14 @@ def assistant_turn_end(tokenizer, messages: list[dict] | None = None) -> TurnEnd
     It lives here rather than with the rest of the chat rendering (`data.chat`) because generation, a
     lower layer, stops on it.
     """
-    messages = list(messages or [{"role": "user", "content": "Hi"}]) + [{"role": "assistant", "content": _REPLY_SENTINEL}]
+    messages = list(messages or [{"role": "user", "content": "Hi"}]) + [
+        {"role": "assistant", "content": _REPLY_SENTINEL}
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     if _REPLY_SENTINEL not in text:
-        raise ValueError("the tokenizer's chat template does not render the assistant's reply; its end of turn cannot be found")
+        raise ValueError(
+            "the tokenizer's chat template does not render the assistant's reply; its end of turn cannot be found"
+        )
     after = text[text.rindex(_REPLY_SENTINEL) + len(_REPLY_SENTINEL) :]
     # The first added token the tokenizer finds there; whitespace ones (Gemma's "\n") are ordinary text.
     markers = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.content.strip()}
@@ -229,7 +246,9 @@ class Sampler(LogitsProcessor):
     recomputes with a scoring forward.
     """
 
-    def __init__(self, temperature: float, top_k: int = 50, top_p: float = 1.0, eos_token_id: int | list[int] | None = None):
+    def __init__(
+        self, temperature: float, top_k: int = 50, top_p: float = 1.0, eos_token_id: int | list[int] | None = None
+    ):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.eos_token_id = eos_token_id
         self._stop_ids = None if eos_token_id is None else torch.tensor(eos_token_id, dtype=torch.long).reshape(-1)

@@ -82,4 +82,3 @@ def _import_lm_eval():
             "install: pip install lm_eval"
         ) from error
     return lm_eval
-

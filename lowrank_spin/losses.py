@@ -19,9 +19,7 @@ _MAX_EXPONENT = 50.0
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token NLL of the real response over the whole batch (the SFT baseline)."""
-    return F.cross_entropy(
-        logits[:, :-1, :].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX
-    )
+    return F.cross_entropy(logits[:, :-1, :].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX)
 
 
 def spin_loss(

@@ -87,7 +87,10 @@ def choose_dtype(setting: str, device_type: str = "cpu") -> tuple[str, str]:
     flags = cpu_bf16_flags()
     if flags:
         return "bfloat16", f"auto: this CPU has native bf16 ({', '.join(flags)})"
-    return "float32", "auto: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag): bf16 would be emulated"
+    return (
+        "float32",
+        "auto: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag): bf16 would be emulated",
+    )
 
 
 def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
@@ -270,7 +273,11 @@ def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None)
 
 
 def save_adapter(
-    model: PeftModel, directory: str | Path, adapter_name: str = POLICY, write: bool = True, base_model: str | None = None
+    model: PeftModel,
+    directory: str | Path,
+    adapter_name: str = POLICY,
+    write: bool = True,
+    base_model: str | None = None,
 ) -> Path:
     """Save one adapter in standard peft format (loads with `PeftModel.from_pretrained`); returns `directory`.
 

@@ -101,10 +101,18 @@ class SelfPlayLoRA(L.LightningModule):
     def errors(self) -> list[str]:
         """Every bad model setting, each naming its field (empty when all are fine)."""
         hp = self.hparams
-        errors = [f"model.{f}: must be >= 1, got {hp[f]}" for f in ("num_iterations", "epochs_per_iteration") if hp[f] < 1]
+        errors = [
+            f"model.{f}: must be >= 1, got {hp[f]}" for f in ("num_iterations", "epochs_per_iteration") if hp[f] < 1
+        ]
         errors += dtype_errors("model.dtype", hp.dtype) + dtype_errors("model.compute_dtype", hp.compute_dtype)
-        errors += quantization_errors(hp.load_in_4bit) + attention_errors(hp.attn_implementation, hp.require_flash_attention)
-        errors += self.lora.errors() + self.objective.errors(hp.num_iterations) + self.optimizer_settings.errors(hp.num_iterations)
+        errors += quantization_errors(hp.load_in_4bit) + attention_errors(
+            hp.attn_implementation, hp.require_flash_attention
+        )
+        errors += (
+            self.lora.errors()
+            + self.objective.errors(hp.num_iterations)
+            + self.optimizer_settings.errors(hp.num_iterations)
+        )
         return errors + model_path_errors(hp.model_name_or_path, models.EMBEDDED_MODELS)
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -135,7 +143,9 @@ class SelfPlayLoRA(L.LightningModule):
         dtype, reason = models.choose_dtype(hp[field], device_type)
         if rank_zero_only.rank == 0:
             print(f"model.{field}: {dtype} ({reason})", flush=True)
-        base = models.load_base_model(self.model_path, hp.load_in_4bit, dtype, dtype, self.attn_implementation, hp.trust_remote_code)
+        base = models.load_base_model(
+            self.model_path, hp.load_in_4bit, dtype, dtype, self.attn_implementation, hp.trust_remote_code
+        )
         if hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
@@ -214,7 +224,10 @@ class SelfPlayLoRA(L.LightningModule):
         return self.learning_rate_at(self.iteration) * factor
 
     def on_train_epoch_end(self) -> None:
-        if self._real_drift and (drift := sum(self._real_drift) / len(self._real_drift)) < -self.objective.real_drift_warning:
+        if (
+            self._real_drift
+            and (drift := sum(self._real_drift) / len(self._real_drift)) < -self.objective.real_drift_warning
+        ):
             log.warning(
                 "iteration %d: log p(real) fell %.1f nats below the opponent on average: self-play is pushing the "
                 "real responses down too; consider a lower learning_rate or beta, or nll_weight > 0",
@@ -249,7 +262,12 @@ class SelfPlayLoRA(L.LightningModule):
             else:
                 opponent_real, opponent_generated = self.opponent.logps(batch).chunk(2)
             per_example, real_rewards, generated_rewards = losses.spin_loss(
-                real_logps, generated_logps, opponent_real, opponent_generated, self.beta_at(self.iteration), objective.loss_type
+                real_logps,
+                generated_logps,
+                opponent_real,
+                opponent_generated,
+                self.beta_at(self.iteration),
+                objective.loss_type,
             )
             metrics.update(_reward_metrics(real_rewards, generated_rewards))
             self._real_drift.append((real_logps - opponent_real).mean().item())
@@ -272,7 +290,9 @@ class SelfPlayLoRA(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if f".{models.POLICY}." in k or f".{models.OPPONENT}." in k
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if f".{models.POLICY}." in k or f".{models.OPPONENT}." in k
         }
 
 
@@ -292,4 +312,3 @@ def _reward_metrics(real_rewards: torch.Tensor, generated_rewards: torch.Tensor)
         "rewards/margin": margin.mean().detach(),
         "rewards/accuracy": (margin > 0).float().mean().detach(),
     }
-

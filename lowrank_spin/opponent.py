@@ -77,13 +77,27 @@ class Opponent:
     # ---- the three things the DataModule asks for ----------------------------------------------------
 
     def generate(
-        self, prompt_ids: list[list[int]], sampling: SamplingSettings, *, seed: int, progress_path: Path, desc: str, shard: tuple[int, int]
+        self,
+        prompt_ids: list[list[int]],
+        sampling: SamplingSettings,
+        *,
+        seed: int,
+        progress_path: Path,
+        desc: str,
+        shard: tuple[int, int],
     ) -> tuple[list[Generated | None], dict[str, float]]:
         """One response per prompt from the opponent, in prompt order, and the timing statistics
         (`generation.generate_responses`)."""
         with self.active():
             return generate_responses(
-                self.model, self.tokenizer, prompt_ids, sampling, seed=seed, progress_path=progress_path, desc=desc, shard=shard
+                self.model,
+                self.tokenizer,
+                prompt_ids,
+                sampling,
+                seed=seed,
+                progress_path=progress_path,
+                desc=desc,
+                shard=shard,
             )
 
     def score_for_training(self, examples: list[dict], generated: list[Generated], batch_size: int) -> None:
@@ -106,7 +120,9 @@ class Opponent:
         if not self.precompute_logps:
             return
         # scoring order is free: similar lengths together waste the least padding
-        by_length = sorted(examples, key=lambda e: len(e["prompt_ids"]) + sum(len(e[f"{name}_ids"]) for name in responses))
+        by_length = sorted(
+            examples, key=lambda e: len(e["prompt_ids"]) + sum(len(e[f"{name}_ids"]) for name in responses)
+        )
         collate = self.collator(responses)
         for chunk, batch in batching.batches(by_length, collate, batch_size, self.device):
             logps = self.logps(batch, num_responses=len(responses)).view(len(responses), len(chunk))
@@ -124,7 +140,9 @@ class Opponent:
         self.model.eval()
         try:
             with self.active():
-                return batching.response_logps(self.model, batch, average=self.objective.length_normalize, num_responses=num_responses)
+                return batching.response_logps(
+                    self.model, batch, average=self.objective.length_normalize, num_responses=num_responses
+                )
         finally:
             self.model.train(was_training)
 

@@ -58,11 +58,20 @@ class LoRASettings:
 
     def errors(self, prefix: str = "model.lora") -> list[str]:
         """Error strings for the bad fields (empty when all are fine)."""
-        errors = [f"{prefix}.{name}: must be > 0, got {value}" for name, value in (("rank", self.rank), ("alpha", self.alpha)) if value <= 0]
+        errors = [
+            f"{prefix}.{name}: must be > 0, got {value}"
+            for name, value in (("rank", self.rank), ("alpha", self.alpha))
+            if value <= 0
+        ]
         if not 0 <= self.dropout < 1:
             errors.append(f"{prefix}.dropout: must be in [0, 1), got {self.dropout}")
-        if self.init_adapter is not None and not (Path(self.init_adapter).expanduser() / "adapter_config.json").is_file():
-            errors.append(f"{prefix}.init_adapter: {self.init_adapter!r} is not a peft adapter folder (no adapter_config.json)")
+        if (
+            self.init_adapter is not None
+            and not (Path(self.init_adapter).expanduser() / "adapter_config.json").is_file()
+        ):
+            errors.append(
+                f"{prefix}.init_adapter: {self.init_adapter!r} is not a peft adapter folder (no adapter_config.json)"
+            )
         return errors
 
 
@@ -181,7 +190,11 @@ class SamplingSettings:
 
     def errors(self, prefix: str = "data.sampling") -> list[str]:
         """Error strings for the bad fields (empty when all are fine)."""
-        errors = [f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}" for name in ("max_new_tokens", "batch_size") if getattr(self, name) < 1]
+        errors = [
+            f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}"
+            for name in ("max_new_tokens", "batch_size")
+            if getattr(self, name) < 1
+        ]
         if self.temperature < 0:
             errors.append(f"{prefix}.temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
@@ -259,8 +272,10 @@ def model_path_errors(name_or_path: str, embedded: tuple[str, ...]) -> list[str]
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return [f"{field}: {str(path)!r} has no tokenizer (tokenizer.json / tokenizer_config.json)"]
     config = path / "tokenizer_config.json"
-    has_template = (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file() or (
-        config.is_file() and "chat_template" in config.read_text()
+    has_template = (
+        (path / "chat_template.jinja").is_file()
+        or (path / "chat_template.json").is_file()
+        or (config.is_file() and "chat_template" in config.read_text())
     )
     if not has_template:
         return [f"{field}: the tokenizer in {str(path)!r} has no chat template; prompts are rendered with it"]
@@ -282,7 +297,10 @@ def attention_implementation(requested: str) -> str:
     if requested == "flash_attention_2":
         problems = _flash_attention_errors()
         if problems:
-            warnings.warn(f"{problems[0]}; falling back to sdpa (set model.require_flash_attention to make this an error)", stacklevel=2)
+            warnings.warn(
+                f"{problems[0]}; falling back to sdpa (set model.require_flash_attention to make this an error)",
+                stacklevel=2,
+            )
             return "sdpa"
     return requested
 
@@ -303,7 +321,9 @@ def deepspeed_errors(zero_stage_3: bool, load_in_4bit: bool, optimizer: str) -> 
             "trainer.strategy deepspeed_stage_2 or ddp (a 4-bit 7B base fits one 24 GB GPU), or a bf16 base"
         )
     if optimizer != "adamw":
-        errors.append(f"model.optimizer.name: {optimizer} is not supported under DeepSpeed (which shards the optimizer itself); use adamw")
+        errors.append(
+            f"model.optimizer.name: {optimizer} is not supported under DeepSpeed (which shards the optimizer itself); use adamw"
+        )
     return errors
 
 
@@ -324,7 +344,9 @@ def _paged_optimizer_errors(name: str, prefix: str) -> list[str]:
     if importlib.util.find_spec("bitsandbytes") is None:
         return [f"{prefix}.name: {name} needs bitsandbytes (pip install bitsandbytes)"]
     if not torch.cuda.is_available():
-        return [f"{prefix}.name: {name} pages optimizer state between GPU and CPU memory and needs a CUDA GPU; use adamw"]
+        return [
+            f"{prefix}.name: {name} pages optimizer state between GPU and CPU memory and needs a CUDA GPU; use adamw"
+        ]
     return []
 
 
@@ -332,10 +354,14 @@ def _flash_attention_errors() -> list[str]:
     import torch
 
     if importlib.util.find_spec("flash_attn") is None:
-        return ["model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install 'lowrank_spin[gpu]'); use sdpa"]
+        return [
+            "model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install 'lowrank_spin[gpu]'); use sdpa"
+        ]
     if not torch.cuda.is_available():
         return ["model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa on this machine"]
     major, _ = torch.cuda.get_device_capability()
     if major < 8:
-        return [f"model.attn_implementation: flash_attention_2 needs an Ampere or newer GPU (compute capability 8.0+), found {major}.x"]
+        return [
+            f"model.attn_implementation: flash_attention_2 needs an Ampere or newer GPU (compute capability 8.0+), found {major}.x"
+        ]
     return []

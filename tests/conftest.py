@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import pytest
@@ -11,6 +12,25 @@ import torch
 from lowrank_spin import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny_spin.yaml")
+
+
+def fit_args(run_dir, *overrides: str, csv_logs: bool = True) -> list[str]:
+    """`fit` of the tiny config into `run_dir` (with its CSV logs there too, unless `csv_logs` is off)."""
+    logs = ["--trainer.logger.init_args.save_dir", str(run_dir)] if csv_logs else []
+    return ["fit", "--config", TINY, "--trainer.default_root_dir", str(run_dir), *logs, *overrides]
+
+
+def fit_command(args: list[str]) -> list[str]:
+    """The command line that runs the CLI with `args` in a fresh Python process."""
+    return [sys.executable, "-m", "lowrank_spin.cli", *args]
+
+
+def subprocess_env(cache_dir: str, **variables: str) -> dict[str, str]:
+    """This process's environment for a child run: the test cache, one thread, no fault injection."""
+    env = {**os.environ, "LOWRANK_SPIN_CACHE": cache_dir, "OMP_NUM_THREADS": "1", **variables}
+    env.pop("LOWRANK_SPIN_KILL_AT", None)
+    return env
 
 
 def pytest_configure(config):
@@ -54,3 +74,22 @@ def chat_batch(tokenizer, prompts: list[str], responses: list[str]) -> dict:
         for p, r in zip(prompts, responses)
     ]
     return Collator(tokenizer.pad_token_id, ("real",))(examples)
+
+
+def dequantized_reference(tiny_model_dir, quantized, device: str = "cpu"):
+    """The same LoRA model over a plain float32 base whose weights are `quantized`'s nf4 weights dequantized."""
+    import bitsandbytes.functional as bnbf
+
+    from lowrank_spin.settings import LoRASettings
+
+    reference = models.attach_lora(
+        models.load_base_model(tiny_model_dir, dtype="float32").to(device), LoRASettings(rank=4, alpha=8)
+    )
+    quantized_modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            source = quantized_modules.get(name)
+            if hasattr(source, "weight") and hasattr(source.weight, "quant_state"):
+                module.weight.copy_(bnbf.dequantize_4bit(source.weight.data, source.weight.quant_state).float())
+        reference.load_state_dict({n: p for n, p in quantized.state_dict().items() if "lora_" in n}, strict=False)
+    return reference

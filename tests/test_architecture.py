@@ -69,7 +69,9 @@ def test_every_unit_has_a_layer():
 def test_imports_only_go_down(path):
     unit = _unit(path)
     upward = {other for other in _imports(path) - {unit} if LAYER[other] >= LAYER[unit]}
-    assert not upward, f"{path.relative_to(PACKAGE)} (layer {LAYER[unit]}) imports from its own or a higher layer: {upward}"
+    assert not upward, (
+        f"{path.relative_to(PACKAGE)} (layer {LAYER[unit]}) imports from its own or a higher layer: {upward}"
+    )
 
 
 def test_the_data_layer_never_reaches_into_the_module():

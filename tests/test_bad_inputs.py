@@ -33,22 +33,34 @@ TINY = "tiny-random-llama"
         ({"objective": ObjectiveSettings(beta=-0.1)}, "model.objective.beta: must be > 0"),
         ({"objective": ObjectiveSettings(beta=[0.1, 0.2, 5.0])}, "model.objective.beta: has 3 values for 2 iterations"),
         ({"optimizer": OptimizerSettings(learning_rate=0.0)}, "model.optimizer.learning_rate: must be > 0"),
-        ({"optimizer": OptimizerSettings(learning_rate=[1e-4])}, "model.optimizer.learning_rate: has 1 values for 2 iterations"),
+        (
+            {"optimizer": OptimizerSettings(learning_rate=[1e-4])},
+            "model.optimizer.learning_rate: has 1 values for 2 iterations",
+        ),
         ({"lora": LoRASettings(rank=0)}, "model.lora.rank: must be > 0"),
         ({"lora": LoRASettings(alpha=-8)}, "model.lora.alpha: must be > 0"),
         ({"lora": LoRASettings(dropout=1.0)}, "model.lora.dropout: must be in [0, 1)"),
-        ({"lora": LoRASettings(init_adapter="/no/such/adapter")}, "model.lora.init_adapter: '/no/such/adapter' is not a peft adapter folder"),
+        (
+            {"lora": LoRASettings(init_adapter="/no/such/adapter")},
+            "model.lora.init_adapter: '/no/such/adapter' is not a peft adapter folder",
+        ),
         ({"objective": ObjectiveSettings(tspin_alpha=0.0)}, "model.objective.tspin_alpha: must be > 0"),
         ({"objective": ObjectiveSettings(tspin_beta=-1.0)}, "model.objective.tspin_beta: must be >= 0"),
         ({"objective": ObjectiveSettings(nll_weight=-0.5)}, "model.objective.nll_weight: must be >= 0"),
         ({"dtype": "int8"}, "model.dtype: must be one of"),
         ({"compute_dtype": "fp8"}, "model.compute_dtype: must be one of"),
         ({"attn_implementation": "flash"}, "model.attn_implementation: must be one of"),
-        ({"attn_implementation": "flash_attention_2", "require_flash_attention": True}, "model.attn_implementation: flash_attention_2 needs"),
+        (
+            {"attn_implementation": "flash_attention_2", "require_flash_attention": True},
+            "model.attn_implementation: flash_attention_2 needs",
+        ),
         ({"optimizer": OptimizerSettings(name="sgd")}, "model.optimizer.name: must be one of"),
         ({"optimizer": OptimizerSettings(schedule="cosine")}, "model.optimizer.schedule: must be one of"),
         ({"optimizer": OptimizerSettings(warmup_ratio=1.0)}, "model.optimizer.warmup_ratio: must be in [0, 1)"),
-        ({"optimizer": OptimizerSettings(name="paged_adamw_8bit")}, "model.optimizer.name: paged_adamw_8bit pages optimizer state"),
+        (
+            {"optimizer": OptimizerSettings(name="paged_adamw_8bit")},
+            "model.optimizer.name: paged_adamw_8bit pages optimizer state",
+        ),
         ({"model_name_or_path": "/no/such/model"}, "model.model_name_or_path: folder '/no/such/model' does not exist"),
     ],
 )
@@ -84,16 +96,26 @@ def test_4bit_without_bitsandbytes(monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
     with pytest.raises(ConfigError, match="model.load_in_4bit: needs bitsandbytes"):
         SelfPlayLoRA(model_name_or_path=TINY, load_in_4bit=True)
 
 
 def test_every_bad_model_field_in_one_error():
     with pytest.raises(ConfigError) as info:
-        SelfPlayLoRA(model_name_or_path=TINY, objective=ObjectiveSettings(beta=0.0, loss_type="x"), lora=LoRASettings(rank=0), num_iterations=0)
+        SelfPlayLoRA(
+            model_name_or_path=TINY,
+            objective=ObjectiveSettings(beta=0.0, loss_type="x"),
+            lora=LoRASettings(rank=0),
+            num_iterations=0,
+        )
     assert sorted(e.split(":")[0] for e in info.value.errors) == [
-        "model.lora.rank", "model.num_iterations", "model.objective.beta", "model.objective.loss_type"
+        "model.lora.rank",
+        "model.num_iterations",
+        "model.objective.beta",
+        "model.objective.loss_type",
     ]
 
 
@@ -131,8 +153,14 @@ def test_bad_model_folder(tiny_model_dir, tmp_path, remove, message):
         ({"sampling": SamplingSettings(top_k=-1)}, "data.sampling.top_k: must be >= 0"),
         ({"sampling": SamplingSettings(top_p=0.0)}, "data.sampling.top_p: must be in (0, 1]"),
         ({"sampling": SamplingSettings(top_p=1.5)}, "data.sampling.top_p: must be in (0, 1]"),
-        ({"evaluation": EvaluationSettings(split="train")}, "data.evaluation.split: must be one of ('validation', 'test')"),
-        ({"evaluation": EvaluationSettings(heldout_reward_pairs=-1)}, "data.evaluation.heldout_reward_pairs: must be >= 0"),
+        (
+            {"evaluation": EvaluationSettings(split="train")},
+            "data.evaluation.split: must be one of ('validation', 'test')",
+        ),
+        (
+            {"evaluation": EvaluationSettings(heldout_reward_pairs=-1)},
+            "data.evaluation.heldout_reward_pairs: must be >= 0",
+        ),
         ({"num_train": 0}, "data.num_train: the math task needs at least 1"),
         ({"num_val": -1}, "data.num_val: must be >= 0"),
         ({"max_samples": 0}, "data.max_samples: must be >= 1"),
@@ -153,11 +181,27 @@ def _jsonl(tmp_path, name, lines):
     "name, lines, message",
     [
         ("missing_field.jsonl", ['{"prompt": "a"}'], "missing_field.jsonl: row 1: missing field 'response'"),
-        ("empty.jsonl", ['{"prompt": "a", "response": "b"}', '{"prompt": "  ", "response": "b"}'], "empty.jsonl: row 2: field 'prompt' must be a non-empty string"),
-        ("number.jsonl", ['{"prompt": "a", "response": 42}'], "number.jsonl: row 1: field 'response' must be a non-empty string"),
-        ("null.jsonl", ['{"prompt": null, "response": "b"}'], "null.jsonl: row 1: field 'prompt' must be a non-empty string"),
+        (
+            "empty.jsonl",
+            ['{"prompt": "a", "response": "b"}', '{"prompt": "  ", "response": "b"}'],
+            "empty.jsonl: row 2: field 'prompt' must be a non-empty string",
+        ),
+        (
+            "number.jsonl",
+            ['{"prompt": "a", "response": 42}'],
+            "number.jsonl: row 1: field 'response' must be a non-empty string",
+        ),
+        (
+            "null.jsonl",
+            ['{"prompt": null, "response": "b"}'],
+            "null.jsonl: row 1: field 'prompt' must be a non-empty string",
+        ),
         ("not_object.jsonl", ['["a", "b"]'], "not_object.jsonl: row 1: expected an object"),
-        ("invalid.jsonl", ['{"prompt": "a", "response": "b"}', '{"prompt": "a",'], "invalid.jsonl' row 2 is not valid JSON"),
+        (
+            "invalid.jsonl",
+            ['{"prompt": "a", "response": "b"}', '{"prompt": "a",'],
+            "invalid.jsonl' row 2 is not valid JSON",
+        ),
         ("invalid.json", ['[{"prompt": "a", "response": "b"},'], "invalid.json' is not valid JSON"),
         ("nothing.jsonl", [""], "has no rows"),
     ],
@@ -176,7 +220,9 @@ def test_missing_and_broken_files(tmp_path):
 
 
 def test_duplicates_dropped_with_a_count(tmp_path, caplog):
-    path = _jsonl(tmp_path, "dups.jsonl", ['{"prompt": "a", "response": "b"}'] * 3 + ['{"prompt": "c", "response": "d"}'])
+    path = _jsonl(
+        tmp_path, "dups.jsonl", ['{"prompt": "a", "response": "b"}'] * 3 + ['{"prompt": "c", "response": "d"}']
+    )
     assert len(read_pairs(path, "train", "prompt", "response")) == 2
     assert "dropped 2 duplicate" in caplog.text
 

@@ -46,6 +46,7 @@ def test_collator_layout_and_masks(tokenizer):
     ]
     assert batch["attention_mask"].sum(-1).tolist() == [6, 4, 5, 6]
 
+
 def test_shared_prompt_collator_layout():
     examples = [
         {"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
@@ -65,6 +66,7 @@ def test_shared_prompt_collator_layout():
     ]
     assert batch["response_lengths"].tolist() == [3, 2, 2, 4]
     assert batch["num_examples"] == 2 and batch["num_responses"] == 2
+
 
 def test_length_grouped_order_batches_similar_lengths():
     lengths = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -98,7 +100,9 @@ def test_response_logits_give_the_full_log_probs(tiny_model_dir, tokenizer):
     batch = chat_batch(tokenizer, ["Hi?", "A much longer prompt than the first one?"], ["Hello.", "Yes."])
     model.eval()
     with torch.no_grad():
-        full = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        full = sequence_logps(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )
         logits, labels = batching.response_logits(model, batch)
         trimmed = sequence_logps(logits, labels)
     assert logits.shape[1] < batch["input_ids"].shape[1]
@@ -117,10 +121,17 @@ def test_shared_prompt_layout_gives_the_same_logps_and_gradients(tiny_model_dir,
     base = models.load_base_model(tiny_model_dir, attn_implementation=attn_implementation)
     model = models.attach_lora(base, LoRASettings(rank=4))
     randomize_lora(model)
-    texts = [("Hi?", "Hello.", "Hey there, friend.", ""), ("A much longer prompt than the first?", "Yes.", "No!", "Maybe so.")]
+    texts = [
+        ("Hi?", "Hello.", "Hey there, friend.", ""),
+        ("A much longer prompt than the first?", "Yes.", "No!", "Maybe so."),
+    ]
     examples = [
-        {"prompt_ids": render_prompt(tokenizer, p), "real_ids": response_ids(tokenizer, r, True),
-         "generated_ids": response_ids(tokenizer, g, False), "proto_ids": tokenizer(y, add_special_tokens=False)["input_ids"]}
+        {
+            "prompt_ids": render_prompt(tokenizer, p),
+            "real_ids": response_ids(tokenizer, r, True),
+            "generated_ids": response_ids(tokenizer, g, False),
+            "proto_ids": tokenizer(y, add_special_tokens=False)["input_ids"],
+        }
         for p, r, g, y in texts
     ]
     responses = ("real", "generated", "proto")
@@ -131,12 +142,16 @@ def test_shared_prompt_layout_gives_the_same_logps_and_gradients(tiny_model_dir,
         (logps * torch.arange(1.0, 7.0)).sum().backward()  # a different weight per response
         results[name] = logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     (rows, rows_grads), (shared, shared_grads) = results["rows"], results["shared"]
-    assert rows.shape == (6,) and rows[4] == 0  # [real_0, real_1, generated_0, generated_1, proto_0, proto_1]; proto_0 is empty
+    assert (
+        rows.shape == (6,) and rows[4] == 0
+    )  # [real_0, real_1, generated_0, generated_1, proto_0, proto_1]; proto_0 is empty
     torch.testing.assert_close(shared, rows, rtol=1e-5, atol=1e-5)
     assert rows_grads.keys() == shared_grads.keys() and rows_grads
     for name in rows_grads:
         torch.testing.assert_close(shared_grads[name], rows_grads[name], rtol=1e-3, atol=1e-5)
-    first_two = batching.response_logps(model, SharedPromptCollator(tokenizer.pad_token_id, responses)(examples), num_responses=2)
+    first_two = batching.response_logps(
+        model, SharedPromptCollator(tokenizer.pad_token_id, responses)(examples), num_responses=2
+    )
     assert first_two.shape == (4,)
 
 

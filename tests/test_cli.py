@@ -5,28 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 
 import pytest
-from conftest import REPO
+from conftest import fit_args
 from peft import PeftModel
 
 from lowrank_spin import models
 from lowrank_spin.cli import build_cli
 from lowrank_spin.files import read_jsonl
 
-TINY = os.path.join(REPO, "configs", "tiny_spin.yaml")
-
 
 def run_tiny(tmp_path, *overrides: str):
-    args = [
-        "fit",
-        "--config", TINY,
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-        *overrides,
-    ]
-    return build_cli(args)
+    return build_cli(fit_args(tmp_path, *overrides))
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -43,7 +33,9 @@ def test_two_spin_iterations_end_to_end(tmp_path, cache_dir, capsys):
         assert (folder / "adapter_model.safetensors").exists() and (folder / "adapter_config.json").exists()
         rows = [json.loads(line) for line in (folder / "synthetic.jsonl").read_text().splitlines()]
         assert len(rows) == 16 and len({r["prompt"] for r in rows}) == 16
-        assert {"prompt", "response", "generated", "proto", "opponent_real_logps", "opponent_generated_logps"} <= rows[0].keys()
+        assert {"prompt", "response", "generated", "proto", "opponent_real_logps", "opponent_generated_logps"} <= rows[
+            0
+        ].keys()
         assert all(r["iteration"] == iteration for r in rows)
     iter_0 = [json.loads(line) for line in (tmp_path / "iter_0" / "synthetic.jsonl").read_text().splitlines()]
     iter_1 = [json.loads(line) for line in (tmp_path / "iter_1" / "synthetic.jsonl").read_text().splitlines()]
@@ -58,8 +50,19 @@ def test_two_spin_iterations_end_to_end(tmp_path, cache_dir, capsys):
 
     metrics = read_metrics(tmp_path)
     keys = set(metrics[0])
-    for key in ["train/loss_step", "rewards/real", "rewards/generated", "rewards/margin", "rewards/accuracy",
-                "logps/real", "logps/generated", "iteration", "eval/accuracy", "eval/nll", "generation/tokens_per_second"]:
+    for key in [
+        "train/loss_step",
+        "rewards/real",
+        "rewards/generated",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logps/real",
+        "logps/generated",
+        "iteration",
+        "eval/accuracy",
+        "eval/nll",
+        "generation/tokens_per_second",
+    ]:
         assert key in keys, key
     assert {float(r["iteration"]) for r in metrics if r["iteration"]} == {0.0, 1.0}
     results = json.loads((tmp_path / "results.json").read_text())
@@ -112,7 +115,15 @@ def test_other_objectives_end_to_end(tmp_path, cache_dir, objective):
 
 def test_bad_config_fields_reported_together(tmp_path, cache_dir):
     with pytest.raises(ValueError) as info:
-        run_tiny(tmp_path, "--model.objective.beta", "[0.1, 0.2, 0.3]", "--model.lora.rank", "0", "--model.objective.name", "ppo")
+        run_tiny(
+            tmp_path,
+            "--model.objective.beta",
+            "[0.1, 0.2, 0.3]",
+            "--model.lora.rank",
+            "0",
+            "--model.objective.name",
+            "ppo",
+        )
     message = str(info.value)
     assert "model.objective.beta: has 3 values for 2 iterations" in message
     assert "model.lora.rank: must be > 0" in message
@@ -124,7 +135,9 @@ def test_bad_config_fields_reported_together(tmp_path, cache_dir):
 def test_spin_starts_from_an_sft_adapter(tmp_path, cache_dir):
     """The low-rank SPIN pipeline: SFT-LoRA on the data, then SPIN from that adapter."""
     run_tiny(tmp_path / "sft", "--model.objective.name", "sft", "--model.num_iterations", "1")
-    run_tiny(tmp_path / "spin", "--model.lora.init_adapter", str(tmp_path / "sft" / "iter_0"), "--model.num_iterations", "1")
+    run_tiny(
+        tmp_path / "spin", "--model.lora.init_adapter", str(tmp_path / "sft" / "iter_0"), "--model.num_iterations", "1"
+    )
     results = {r["iteration"]: r for r in json.loads((tmp_path / "spin" / "results.json").read_text())}
     sft_results = {r["iteration"]: r for r in json.loads((tmp_path / "sft" / "results.json").read_text())}
     assert results[-1]["nll"] == pytest.approx(sft_results[0]["nll"], rel=1e-5), "SPIN starts where SFT ended"
@@ -143,7 +156,9 @@ def test_fast_paths_train_like_the_plain_ones(tmp_path, cache_dir):
     run_tiny(tmp_path / "rows", "--model.share_prompt", "false", "--model.opponent_logps_from_generation", "false")
     assert_same_training_steps(tmp_path / "shared", tmp_path / "rows", rel=1e-3)
     for iteration in (0, 1):
-        shared, rows = (read_jsonl(tmp_path / run / f"iter_{iteration}" / "synthetic.jsonl") for run in ("shared", "rows"))
+        shared, rows = (
+            read_jsonl(tmp_path / run / f"iter_{iteration}" / "synthetic.jsonl") for run in ("shared", "rows")
+        )
         for a, b in zip(shared, rows):
             assert a["generated"] == b["generated"]
             assert a["opponent_generated_logps"] == pytest.approx(b["opponent_generated_logps"], rel=1e-4)

@@ -7,14 +7,27 @@ import json
 import os
 
 import pytest
-from test_cli import TINY
+from conftest import TINY
 
 from lowrank_spin.cli import main
 
 
 @pytest.mark.slow
 def test_compare_arms_and_data_fractions(tmp_path, cache_dir, capsys):
-    main(["compare", "--config", TINY, "--output", str(tmp_path), "--data_fractions", "0.5", "1.0", "--model.num_iterations", "1"])
+    main(
+        [
+            "compare",
+            "--config",
+            TINY,
+            "--output",
+            str(tmp_path),
+            "--data_fractions",
+            "0.5",
+            "1.0",
+            "--model.num_iterations",
+            "1",
+        ]
+    )
     for arm in ("sft", "spin", "tspin"):
         for pct in (50, 100):
             assert (tmp_path / f"{arm}_{pct}pct" / "iter_0" / "adapter_model.safetensors").exists()
@@ -25,7 +38,9 @@ def test_compare_arms_and_data_fractions(tmp_path, cache_dir, capsys):
     spin = [r for r in rows if r["arm"] == "spin" and r["iteration"] == "0" and r["data_fraction"] == "1.0"][0]
     assert float(spin["train_seconds"]) > 0 and float(spin["generation_seconds"]) > 0
     assert spin["reward_margin"] and spin["train_reward_margin"]
-    assert -1 <= float(spin["vs_sft_ci_low"]) <= float(spin["vs_sft"]) <= float(spin["vs_sft_ci_high"]) <= 1, "paired with SFT"
+    assert -1 <= float(spin["vs_sft_ci_low"]) <= float(spin["vs_sft"]) <= float(spin["vs_sft_ci_high"]) <= 1, (
+        "paired with SFT"
+    )
     sft = [r for r in rows if r["arm"] == "sft" and r["iteration"] == "0"][0]
     assert sft["generation_seconds"] in ("", "0", "0.0")
     for name in ("metrics_vs_iteration.png", "loss_vs_time.png", "accuracy_vs_data_fraction.png"):
@@ -43,7 +58,9 @@ def test_arms_share_one_w_and_b_group_and_the_before_evaluation(tmp_path, monkey
 
     def fake_fit(args):
         run_dir = tmp_path / "out" / args[args.index("--trainer.default_root_dir") + 1].split("/")[-1]
-        seen.append((os.environ["WANDB_RUN_GROUP"], os.environ["WANDB_NAME"], args, (run_dir / "results.json").exists()))
+        seen.append(
+            (os.environ["WANDB_RUN_GROUP"], os.environ["WANDB_NAME"], args, (run_dir / "results.json").exists())
+        )
         (run_dir / "before").mkdir(parents=True, exist_ok=True)
         (run_dir / "before" / "eval_samples.json").write_text("[]")
         if not (run_dir / "results.json").exists():
@@ -51,9 +68,18 @@ def test_arms_share_one_w_and_b_group_and_the_before_evaluation(tmp_path, monkey
 
     monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
     compare.run_arms(fake_fit, TINY, tmp_path / "out", ["sft", "spin"], [1.0, 0.5], None, [])
-    assert [(group, name) for group, name, _, _ in seen] == [("out", "sft_100pct"), ("out", "spin_100pct"), ("out", "sft_50pct"), ("out", "spin_50pct")]
-    assert [seeded for *_, seeded in seen] == [False, True, True, True], "only the first arm evaluates the initial model"
-    assert json.loads((tmp_path / "out" / "spin_50pct" / "results.json").read_text()) == [{"iteration": -1, "accuracy": 0.25}]
+    assert [(group, name) for group, name, _, _ in seen] == [
+        ("out", "sft_100pct"),
+        ("out", "spin_100pct"),
+        ("out", "sft_50pct"),
+        ("out", "spin_50pct"),
+    ]
+    assert [seeded for *_, seeded in seen] == [False, True, True, True], (
+        "only the first arm evaluates the initial model"
+    )
+    assert json.loads((tmp_path / "out" / "spin_50pct" / "results.json").read_text()) == [
+        {"iteration": -1, "accuracy": 0.25}
+    ]
     every_iteration = ["--data.evaluation.every_iteration" in args for _, _, args, _ in seen]
     assert every_iteration == [False, False, True, True]
     assert "WANDB_RUN_GROUP" not in os.environ, "the environment is restored"

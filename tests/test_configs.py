@@ -27,7 +27,9 @@ def test_config_parses_and_validates(config, monkeypatch):
     with open(config) as f:
         first_line = f.readline()
     command = f"--config configs/{os.path.basename(config)}"
-    assert first_line.startswith((f"# lowrank-spin fit {command}", f"# lowrank-spin compare {command}")), "configs open with their command"
+    assert first_line.startswith((f"# lowrank-spin fit {command}", f"# lowrank-spin compare {command}")), (
+        "configs open with their command"
+    )
     text = open(config).read()
     if "accelerator: gpu" in text:
         # The GPU recipe: model and data are built and validated as on the machine it is for; the
@@ -99,9 +101,18 @@ def test_config_data_section_loads(config, tmp_path, monkeypatch):
     records = datamodule.load_records()
     assert records["train"], "training rows"
     for row in (r for rows in records.values() for r in rows):
-        assert isinstance(row["prompt"], str) and row["prompt"].strip() and isinstance(row["response"], str) and row["response"].strip()
+        assert (
+            isinstance(row["prompt"], str)
+            and row["prompt"].strip()
+            and isinstance(row["response"], str)
+            and row["response"].strip()
+        )
     if fixture is None:  # the embedded task, also written as jsonl
-        assert {p.name for p in (tmp_path / "run" / "data").iterdir()} == {"train.jsonl", "validation.jsonl", "test.jsonl"}
+        assert {p.name for p in (tmp_path / "run" / "data").iterdir()} == {
+            "train.jsonl",
+            "validation.jsonl",
+            "test.jsonl",
+        }
     else:  # ultrachat: the first exchange of `messages`; validation from `val_split` (test_sft on the hub)
         expected = sorted(r["prompt"] for r in ultrachat_rows())
         assert sorted(r["prompt"] for r in records["train"]) == expected

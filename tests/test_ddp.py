@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 
 import pytest
-from test_cli import TINY
+from conftest import fit_args, fit_command, subprocess_env
 
 
 def _fit(run_dir, cache_dir, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LOWRANK_SPIN_CACHE": cache_dir, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "lowrank_spin.cli", "fit", "--config", TINY,
-            "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir), *overrides]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        fit_command(fit_args(run_dir, *overrides)),
+        env=subprocess_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _rows(run_dir, iteration):

@@ -13,12 +13,10 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, TINY, fit_args, fit_command, subprocess_env
 from safetensors.torch import load_file
-from test_cli import TINY
 
 from lowrank_spin.cli import build_cli
 
@@ -27,10 +25,10 @@ CPU_DEEPSPEED = "deepspeed_cpu.CPUDeepSpeedStrategy"
 
 
 def _fit(run_dir, cache_dir, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LOWRANK_SPIN_CACHE": cache_dir, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")])}
-    args = [sys.executable, "-m", "lowrank_spin.cli", "fit", "--config", TINY,
-            "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir), *overrides]
+    env = subprocess_env(
+        cache_dir, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")])
+    )
+    args = fit_command(fit_args(run_dir, *overrides))
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -60,8 +58,16 @@ def single_process_run(tmp_path_factory, cache_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("devices, stage", [(1, 2), (1, 3), (2, 3)])
 def test_zero_runs_every_iteration_like_a_single_process(tmp_path, cache_dir, single_process_run, devices, stage):
-    _fit(tmp_path, cache_dir, "--trainer.strategy", CPU_DEEPSPEED, "--trainer.strategy.stage", str(stage),
-         "--trainer.devices", str(devices))
+    _fit(
+        tmp_path,
+        cache_dir,
+        "--trainer.strategy",
+        CPU_DEEPSPEED,
+        "--trainer.strategy.stage",
+        str(stage),
+        "--trainer.devices",
+        str(devices),
+    )
     single = single_process_run
 
     # the base loads whole into ZeRO-3 partitions and the policy starts at Δθ0 = 0: same initial model
@@ -88,7 +94,11 @@ def test_zero_runs_every_iteration_like_a_single_process(tmp_path, cache_dir, si
 def test_deepspeed_strategies_are_selected_from_the_config(cache_dir):
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    for name, stage, offload in [("deepspeed_stage_2", 2, False), ("deepspeed_stage_3", 3, False), ("deepspeed_stage_3_offload", 3, True)]:
+    for name, stage, offload in [
+        ("deepspeed_stage_2", 2, False),
+        ("deepspeed_stage_3", 3, False),
+        ("deepspeed_stage_3_offload", 3, True),
+    ]:
         cli = build_cli(["--config", TINY, "--trainer.strategy", name], run=False)
         strategy = cli.trainer.strategy
         assert isinstance(strategy, DeepSpeedStrategy)
@@ -100,7 +110,22 @@ def test_deepspeed_strategies_are_selected_from_the_config(cache_dir):
 def test_4bit_base_under_zero3_is_refused_before_any_work(tmp_path, cache_dir):
     from lowrank_spin.settings import ConfigError
 
-    with pytest.raises(ConfigError, match="model.load_in_4bit: bitsandbytes 4-bit weights are not partitioned by ZeRO-3"):
-        build_cli(["fit", "--config", TINY, "--model.load_in_4bit", "true", "--trainer.strategy", CPU_DEEPSPEED,
-                   "--trainer.strategy.stage", "3", "--trainer.default_root_dir", str(tmp_path)])
+    with pytest.raises(
+        ConfigError, match="model.load_in_4bit: bitsandbytes 4-bit weights are not partitioned by ZeRO-3"
+    ):
+        build_cli(
+            [
+                "fit",
+                "--config",
+                TINY,
+                "--model.load_in_4bit",
+                "true",
+                "--trainer.strategy",
+                CPU_DEEPSPEED,
+                "--trainer.strategy.stage",
+                "3",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+            ]
+        )
     assert not (tmp_path / "iter_0").exists()

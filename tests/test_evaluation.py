@@ -14,9 +14,19 @@ from lowrank_spin.settings import LoRASettings, SamplingSettings
 
 
 def _examples(tokenizer):
-    rows = [("What is 2 + 3?", "2 + 3 = 5.\nThe answer is 5.", 5, 1), ("A much longer question about 7 apples?", "7.\nThe answer is 7.", 7, 2)]
+    rows = [
+        ("What is 2 + 3?", "2 + 3 = 5.\nThe answer is 5.", 5, 1),
+        ("A much longer question about 7 apples?", "7.\nThe answer is 7.", 7, 2),
+    ]
     return [
-        {"prompt": p, "response": r, "answer": a, "num_steps": n, "prompt_ids": render_prompt(tokenizer, p), "real_ids": response_ids(tokenizer, r, True)}
+        {
+            "prompt": p,
+            "response": r,
+            "answer": a,
+            "num_steps": n,
+            "prompt_ids": render_prompt(tokenizer, p),
+            "real_ids": response_ids(tokenizer, r, True),
+        }
         for p, r, a, n in rows
     ]
 
@@ -46,7 +56,12 @@ def test_accuracy_per_step_and_interval(tokenizer, monkeypatch):
     monkeypatch.setattr(evaluation, "gold_nll", lambda *a, **k: (6.0, 3))
 
     metrics, samples = evaluation.evaluate(
-        None, tokenizer, _examples(tokenizer), check_answers=True, sampling=SamplingSettings(batch_size=2), max_new_tokens=8
+        None,
+        tokenizer,
+        _examples(tokenizer),
+        check_answers=True,
+        sampling=SamplingSettings(batch_size=2),
+        max_new_tokens=8,
     )
     assert metrics["accuracy"] == 0.5
     assert metrics["accuracy_1_steps"] == 1.0 and metrics["accuracy_2_steps"] == 0.0

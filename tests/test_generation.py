@@ -35,6 +35,7 @@ def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, 
     indices = [json.loads(line)["index"] for line in progress.read_text().splitlines()]
     assert sorted(indices) == list(range(10)), "every prompt exactly once"
 
+
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, temperature):
     """The log-probs the sampler sums while generating are the model's log-probs of the drawn tokens
@@ -48,7 +49,9 @@ def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, tem
         boost = torch.zeros(len(tokenizer)).index_fill(0, torch.tensor([eos]), 1.0)
         model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + boost)
     prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(6)]
-    generated, _ = generate_responses(model, tokenizer, prompts, SamplingSettings(batch_size=4, max_new_tokens=16, temperature=temperature), seed=1)
+    generated, _ = generate_responses(
+        model, tokenizer, prompts, SamplingSettings(batch_size=4, max_new_tokens=16, temperature=temperature), seed=1
+    )
     if temperature > 0:
         assert {g.finished for g in generated} == {True, False}, "finished and unfinished rows are covered"
     for g in generated:
@@ -58,8 +61,11 @@ def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, tem
     model.eval()
     with torch.no_grad():
         scored = batching.response_logps(model, Collator(tokenizer.pad_token_id, ("generated",))(examples))
-    torch.testing.assert_close(torch.tensor([g.logp for g in generated], dtype=torch.float32), scored, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor([g.logp for g in generated], dtype=torch.float32), scored, rtol=1e-4, atol=1e-4
+    )
     assert model.get_base_model().generation_config.repetition_penalty == 3.0, "the shipped config is put back"
+
 
 def test_sampler_draws_from_the_top_k_nucleus_distribution():
     """20k draws from p = (0.5, 0.3, 0.15, 0.05): frequencies within 0.015 (4 standard errors)."""
@@ -75,23 +81,34 @@ def test_sampler_draws_from_the_top_k_nucleus_distribution():
         "all": ((), {"top_k": 0}, [0.5, 0.3, 0.15, 0.05]),
         "top-2": ((), {"top_k": 2}, [0.625, 0.375, 0, 0]),
         "nucleus 0.7 keeps 0.5 + 0.3": ((), {"top_k": 0, "top_p": 0.7}, [0.625, 0.375, 0, 0]),
-        "top-3 renormalised, then nucleus 0.9": ((), {"top_k": 3, "top_p": 0.9}, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]),
+        "top-3 renormalised, then nucleus 0.9": (
+            (),
+            {"top_k": 3, "top_p": 0.9},
+            [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0],
+        ),
         "temperature 2: p^(1/2) renormalised": ((2.0,), {"top_k": 0}, [0.379, 0.293, 0.208, 0.120]),
     }
     for name, (args, kwargs, probs) in expected.items():
         torch.testing.assert_close(frequencies(*args, **kwargs), torch.tensor(probs), atol=0.015, rtol=0, msg=name)
+
 
 def test_sampling_with_top_k_1_is_greedy(tiny_model_dir, tokenizer):
     """The sampler really drives generate(): keeping one candidate reproduces greedy decoding."""
     model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
     prompts = [render_prompt(tokenizer, p) for p in ("What is 2 + 3?", "Hi", "Name a colour.")]
     greedy, _ = generate_responses(model, tokenizer, prompts, SamplingSettings(max_new_tokens=8, temperature=0.0))
-    top_1, _ = generate_responses(model, tokenizer, prompts, SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=1), seed=5)
-    sampled, _ = generate_responses(model, tokenizer, prompts, SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=0), seed=5)
+    top_1, _ = generate_responses(
+        model, tokenizer, prompts, SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=1), seed=5
+    )
+    sampled, _ = generate_responses(
+        model, tokenizer, prompts, SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=0), seed=5
+    )
     assert top_1 == greedy
     assert sampled != greedy
     for prompt, ours in zip(prompts, greedy):  # and temperature 0 is transformers' own greedy decoding
-        reference = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        reference = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
         assert reference[0, len(prompt) :].tolist()[: len(ours.token_ids)] == ours.token_ids
 
 

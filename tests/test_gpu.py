@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import chat_batch, randomize_lora
+from conftest import chat_batch, dequantized_reference, randomize_lora
 
 from lowrank_spin import batching, models
 from lowrank_spin.generation import generate_responses
@@ -33,20 +33,12 @@ def _lora_grads(model, batch):
 def test_cuda_nf4_lora_gradients_match_the_dequantized_base_after_generation(tiny_model_dir, tokenizer):
     """bitsandbytes' CUDA nf4 kernels: LoRA gradients equal those over the dequantized weights, also
     after an eval-mode generation (the trap the CPU backend has)."""
-    import bitsandbytes.functional as bnbf
-
     quantized = models.attach_lora(
-        models.load_base_model(tiny_model_dir, load_in_4bit=True, compute_dtype="float32").cuda(), LoRASettings(rank=4, alpha=8)
+        models.load_base_model(tiny_model_dir, load_in_4bit=True, compute_dtype="float32").cuda(),
+        LoRASettings(rank=4, alpha=8),
     )
     randomize_lora(quantized)
-    reference = models.attach_lora(models.load_base_model(tiny_model_dir).cuda(), LoRASettings(rank=4, alpha=8))
-    modules = dict(quantized.named_modules())
-    with torch.no_grad():
-        for name, module in reference.named_modules():
-            source = modules.get(name)
-            if hasattr(source, "weight") and hasattr(source.weight, "quant_state"):
-                module.weight.copy_(bnbf.dequantize_4bit(source.weight.data, source.weight.quant_state).float())
-        reference.load_state_dict({n: p for n, p in quantized.state_dict().items() if "lora_" in n}, strict=False)
+    reference = dequantized_reference(tiny_model_dir, quantized, device="cuda")
     batch = chat_batch(tokenizer, PROMPTS, RESPONSES)
     generate_responses(quantized, tokenizer, [batch["input_ids"][0, :10].tolist()], SamplingSettings(max_new_tokens=4))
     quantized.train()
@@ -64,5 +56,7 @@ def test_flash_attention_2_gives_the_log_probs_of_sdpa(tiny_model_dir, tokenizer
     for implementation in ("sdpa", "flash_attention_2"):
         base = models.load_base_model(tiny_model_dir, dtype="bfloat16", attn_implementation=implementation).cuda()
         with torch.no_grad():
-            logps[implementation] = batching.response_logps(base, {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()})
+            logps[implementation] = batching.response_logps(
+                base, {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+            )
     torch.testing.assert_close(logps["flash_attention_2"], logps["sdpa"], rtol=2e-2, atol=0.5)

@@ -72,7 +72,9 @@ def test_tspin_alpha_scales_both_terms():
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_spin_loss_finite_for_extreme_logps(loss_type):
     extreme = t(-1e4, 0.0, -1e4)
-    losses, real, generated = spin_loss(extreme, extreme.flip(0) * 0 - 1e4, t(0.0, -1e4, 0.0), t(0.0, 0.0, -1e4), loss_type=loss_type)
+    losses, real, generated = spin_loss(
+        extreme, extreme.flip(0) * 0 - 1e4, t(0.0, -1e4, 0.0), t(0.0, 0.0, -1e4), loss_type=loss_type
+    )
     assert torch.isfinite(losses).all() and torch.isfinite(real).all() and torch.isfinite(generated).all()
 
 
@@ -88,8 +90,10 @@ def test_unknown_loss_type_raises():
 
 def test_sft_loss_is_mean_token_nll():
     logits = torch.randn(2, 6, 7)
-    labels = torch.tensor([[IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 4, 5, 6, 0]])
+    labels = torch.tensor(
+        [[IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 4, 5, 6, 0]]
+    )
     tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
-    assert sft_loss(logits, labels).item() == pytest.approx((-sequence_logps(logits, labels).sum() / tokens).item(), rel=1e-5)
-
-
+    assert sft_loss(logits, labels).item() == pytest.approx(
+        (-sequence_logps(logits, labels).sum() / tokens).item(), rel=1e-5
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import chat_batch, randomize_lora
+from conftest import chat_batch, dequantized_reference, randomize_lora
 from peft import PeftModel
 
 from lowrank_spin import models
@@ -28,28 +28,14 @@ def _lora_grads(model, batch) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in models.lora_parameters(model).items()}
 
 
-def _dequantized_reference(tiny_model_dir, quantized):
-    """The same LoRA model over a plain float32 base whose weights are the nf4 weights dequantized."""
-    import bitsandbytes.functional as bnbf
-
-    reference = models.attach_lora(models.load_base_model(tiny_model_dir, dtype="float32"), LoRASettings(rank=4, alpha=8))
-    quantized_modules = dict(quantized.named_modules())
-    with torch.no_grad():
-        for name, module in reference.named_modules():
-            source = quantized_modules.get(name)
-            if hasattr(source, "weight") and hasattr(source.weight, "quant_state"):
-                module.weight.copy_(bnbf.dequantize_4bit(source.weight.data, source.weight.quant_state).float())
-        reference.load_state_dict({n: p for n, p in quantized.state_dict().items() if "lora_" in n}, strict=False)
-    return reference
-
-
 @pytest.fixture()
 def quantized_and_reference(tiny_model_dir):
     quantized = models.attach_lora(
-        models.load_base_model(tiny_model_dir, load_in_4bit=True, compute_dtype="float32"), LoRASettings(rank=4, alpha=8)
+        models.load_base_model(tiny_model_dir, load_in_4bit=True, compute_dtype="float32"),
+        LoRASettings(rank=4, alpha=8),
     )
     randomize_lora(quantized)
-    return quantized, _dequantized_reference(tiny_model_dir, quantized)
+    return quantized, dequantized_reference(tiny_model_dir, quantized)
 
 
 def _assert_grads_match(quantized, reference, batch):
@@ -67,7 +53,9 @@ def test_4bit_lora_gradients_match_dequantized_reference_after_generation(quanti
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
         _assert_grads_match(quantized, reference, batch)
-        generate_responses(quantized, tokenizer, [batch["input_ids"][0, :10].tolist()], SamplingSettings(max_new_tokens=4))
+        generate_responses(
+            quantized, tokenizer, [batch["input_ids"][0, :10].tolist()], SamplingSettings(max_new_tokens=4)
+        )
         with torch.no_grad():  # a validation-style forward too
             quantized.eval()
             quantized(input_ids=batch["input_ids"])
@@ -83,7 +71,9 @@ def test_every_4bit_layer_has_cpu_repack_disabled(tiny_model_dir):
 
 @pytest.mark.parametrize("load_in_4bit", [False, True])
 def test_training_changes_every_lora_parameter_and_no_base_parameter(tiny_model_dir, tokenizer, load_in_4bit):
-    model = models.attach_lora(models.load_base_model(tiny_model_dir, load_in_4bit=load_in_4bit), LoRASettings(rank=4, alpha=8))
+    model = models.attach_lora(
+        models.load_base_model(tiny_model_dir, load_in_4bit=load_in_4bit), LoRASettings(rank=4, alpha=8)
+    )
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     policy_before = {n: p.detach().clone() for n, p in models.lora_parameters(model).items()}
     opponent_before = {n: p.detach().clone() for n, p in models.lora_parameters(model, models.OPPONENT).items()}
@@ -149,7 +139,9 @@ def test_saved_adapter_loads_with_peft(tiny_model_dir, tokenizer, tmp_path):
     loaded = PeftModel.from_pretrained(models.load_base_model(tiny_model_dir), tmp_path / "iter_0")
     torch.testing.assert_close(_logps(loaded, batch), expected)
     # and as the initial adapter of a new run (e.g. SPIN after SFT)
-    resumed = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(init_adapter=str(tmp_path / "iter_0")))
+    resumed = models.attach_lora(
+        models.load_base_model(tiny_model_dir), LoRASettings(init_adapter=str(tmp_path / "iter_0"))
+    )
     torch.testing.assert_close(_logps(resumed, batch), expected)
     with models.opponent(resumed):  # iteration 0 plays against the initial adapter, not the bare base
         torch.testing.assert_close(_logps(resumed, batch), expected)
@@ -235,7 +227,9 @@ def test_module_loads_the_auto_dtype_and_says_so(load_in_4bit, monkeypatch, tiny
     from lowrank_spin.module import SelfPlayLoRA
 
     monkeypatch.setattr(models, "cpu_bf16_flags", lambda: [])  # an AVX2-only CPU
-    module = SelfPlayLoRA(model_name_or_path=tiny_model_dir, load_in_4bit=load_in_4bit, lora=LoRASettings(rank=4, alpha=8))
+    module = SelfPlayLoRA(
+        model_name_or_path=tiny_model_dir, load_in_4bit=load_in_4bit, lora=LoRASettings(rank=4, alpha=8)
+    )
     module.configure_model()
     field = "compute_dtype" if load_in_4bit else "dtype"
     assert f"model.{field}: float32 (auto: this CPU has no native bf16" in capsys.readouterr().out

@@ -38,7 +38,9 @@ def test_every_iteration_restarts_its_schedule_and_optimizer(tmp_path, cache_dir
     cleared = []
     real = module_lib._clear_optimizer_state
     monkeypatch.setattr(module_lib, "_clear_optimizer_state", lambda opt: (cleared.append(bool(opt.state)), real(opt)))
-    run_tiny(tmp_path, "--model.optimizer.warmup_ratio", "0.5", "--model.optimizer.reset_each_iteration", str(reset).lower())
+    run_tiny(
+        tmp_path, "--model.optimizer.warmup_ratio", "0.5", "--model.optimizer.reset_each_iteration", str(reset).lower()
+    )
     # the tiny config: 16 pairs in batches of 4 -> 4 steps per iteration, 2 warm-up steps, peak 1e-3
     lrs = [(int(float(r["iteration"])), float(r["train/lr"])) for r in read_metrics(tmp_path) if r.get("train/lr")]
     expected = [1e-3 * f for f in (0.5, 1.0, 1.0, 0.5)]

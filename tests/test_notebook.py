@@ -14,7 +14,9 @@ def test_sft_vs_spin_notebook_executes(tmp_path, cache_dir, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("LOWRANK_SPIN_NOTEBOOK_OUTPUT", str(tmp_path))
     notebook = nbformat.read(os.path.join(REPO, "notebooks", "sft_vs_spin.ipynb"), as_version=4)
-    nbclient.NotebookClient(notebook, timeout=600, resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}).execute()
+    nbclient.NotebookClient(
+        notebook, timeout=600, resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}
+    ).execute()
     assert (tmp_path / "comparison.md").exists() and (tmp_path / "accuracy_vs_data_fraction.png").exists()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)

@@ -6,34 +6,32 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import fit_args, fit_command, subprocess_env
 from safetensors.torch import load_file
-from test_cli import TINY
 
 # The tiny config: 16 prompts in generation batches of 8 (2 per iteration), 4 train steps per epoch.
 # Per kill point: what the resumed process must still do, (training steps, generation batches).
 KILL_POINTS = {
-    "generation_batch:1": (8, 3),  # iteration 0, mid-generation (no checkpoint yet): its 2nd batch, then all of iteration 1
-    "adapter_saved:1": (8, 2),  # iteration 0's adapter written, its checkpoint not: iteration 0 trains again, its data are kept
+    "generation_batch:1": (
+        8,
+        3,
+    ),  # iteration 0, mid-generation (no checkpoint yet): its 2nd batch, then all of iteration 1
+    "adapter_saved:1": (
+        8,
+        2,
+    ),  # iteration 0's adapter written, its checkpoint not: iteration 0 trains again, its data are kept
     "generation_batch:3": (4, 1),  # iteration 1, mid-generation: from iteration 0's checkpoint, 1 batch left
     "train_step:6": (4, 0),  # iteration 1, mid-epoch: the epoch again, its data are kept
 }
 
 
 def _fit(run_dir, cache_dir, kill_at: str | None = None, resume: bool = False) -> int:
-    env = {**os.environ, "LOWRANK_SPIN_CACHE": cache_dir, "OMP_NUM_THREADS": "1"}
-    env.pop("LOWRANK_SPIN_KILL_AT", None)
-    if kill_at:
-        env["LOWRANK_SPIN_KILL_AT"] = kill_at
-    args = [sys.executable, "-m", "lowrank_spin.cli", "fit", "--config", TINY,
-            "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir)]
-    if resume:
-        args += ["--ckpt_path", "last"]
+    env = subprocess_env(cache_dir, **({"LOWRANK_SPIN_KILL_AT": kill_at} if kill_at else {}))
+    args = fit_command(fit_args(run_dir, *(["--ckpt_path", "last"] if resume else [])))
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300).returncode
 
 
@@ -94,10 +92,8 @@ def test_sigterm_stops_at_the_next_safe_point_within_seconds(tmp_path, cache_dir
     import signal
     import time
 
-    env = {**os.environ, "LOWRANK_SPIN_CACHE": cache_dir, "OMP_NUM_THREADS": "1"}
-    env.pop("LOWRANK_SPIN_KILL_AT", None)
-    args = [sys.executable, "-m", "lowrank_spin.cli", "fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.sampling.batch_size", "1", "--model.num_iterations", "1"]
+    env = subprocess_env(cache_dir)
+    args = fit_command(fit_args(tmp_path, "--data.sampling.batch_size", "1", "--model.num_iterations", "1"))
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     progress = tmp_path / "iter_0" / "synthetic.partial.jsonl"
     deadline = time.time() + 120

@@ -39,7 +39,13 @@ def _parquet(path, rows):
 
 
 def _read(source, **kwargs):
-    return read_pairs(source, kwargs.pop("split", "train"), kwargs.pop("prompt_field", "question"), kwargs.pop("response_field", "answer"), **kwargs)
+    return read_pairs(
+        source,
+        kwargs.pop("split", "train"),
+        kwargs.pop("prompt_field", "question"),
+        kwargs.pop("response_field", "answer"),
+        **kwargs,
+    )
 
 
 def _conversation(i: int, system: bool = False) -> list[dict]:
@@ -96,7 +102,10 @@ def test_folder_in_the_hub_layout_picks_the_split(tmp_path):
     train = read_pairs(str(tmp_path / "ultrachat"), "train_sft")
     assert [r["prompt"] for r in train] == ["Question 0?", "Question 1?", "Question 2?", "Question 3?"]
     assert [r["prompt"] for r in read_pairs(str(tmp_path / "ultrachat"), "test_sft")] == ["Question 4?", "Question 5?"]
-    with pytest.raises(ValueError, match=r"data.split: 'train' is not a split of the folder .*ultrachat'; it has \['test_sft', 'train_sft'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"data.split: 'train' is not a split of the folder .*ultrachat'; it has \['test_sft', 'train_sft'\]",
+    ):
         read_pairs(str(tmp_path / "ultrachat"), "train")
 
 
@@ -120,7 +129,9 @@ def test_messages_first_turn_and_history(tmp_path):
 
 
 def test_history_of_one_exchange_is_a_one_turn_conversation(tmp_path):
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": _conversation(0)[:2] + [{"role": "user", "content": "unanswered"}]}])
+    path = _jsonl(
+        tmp_path / "chat.jsonl", [{"messages": _conversation(0)[:2] + [{"role": "user", "content": "unanswered"}]}]
+    )
     assert read_pairs(path, messages="history") == [{"prompt": [{"role": "user", "content": "u0"}], "response": "a0"}]
 
 
@@ -156,12 +167,23 @@ def test_hub_dataset_with_config_and_data_files(tmp_path, monkeypatch):
         return datasets.Dataset.from_list(ultrachat_rows(4))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    rows = read_pairs("HuggingFaceH4/ultrachat_200k", "train_sft", dataset_config="default", data_files=["data/train_sft-*.parquet"])
-    assert calls == [{"path": "HuggingFaceH4/ultrachat_200k", "name": "default", "split": "train_sft", "data_files": ["data/train_sft-*.parquet"]}]
+    rows = read_pairs(
+        "HuggingFaceH4/ultrachat_200k", "train_sft", dataset_config="default", data_files=["data/train_sft-*.parquet"]
+    )
+    assert calls == [
+        {
+            "path": "HuggingFaceH4/ultrachat_200k",
+            "name": "default",
+            "split": "train_sft",
+            "data_files": ["data/train_sft-*.parquet"],
+        }
+    ]
     assert rows[0] == {"prompt": "Question 0?", "response": "Answer 0."} and len(rows) == 4
 
     calls.clear()
-    datamodule = SelfPlayDataModule(dataset="org/chats", split="train_sft", dataset_config="en", data_files="train.jsonl", val_split="test_sft")
+    datamodule = SelfPlayDataModule(
+        dataset="org/chats", split="train_sft", dataset_config="en", data_files="train.jsonl", val_split="test_sft"
+    )
     records = datamodule.load_records()
     assert [(c["path"], c["name"], c["split"], c["data_files"]) for c in calls] == [
         ("org/chats", "en", "train_sft", "train.jsonl"),
@@ -175,7 +197,10 @@ def test_hub_failure_names_what_was_asked_for(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ValueError, match=r"data.dataset: could not load 'org/chats' \(data.dataset_config='en', data.split='train_sft'.*ConnectionError: no network"):
+    with pytest.raises(
+        ValueError,
+        match=r"data.dataset: could not load 'org/chats' \(data.dataset_config='en', data.split='train_sft'.*ConnectionError: no network",
+    ):
         read_pairs("org/chats", "train_sft", dataset_config="en")
 
 
@@ -203,7 +228,9 @@ def test_held_out_share_is_counted_seeded_and_disjoint(tmp_path, caplog):
     prompts = {r["prompt"] for r in records["train"]}
     assert prompts.isdisjoint(r["prompt"] for r in records["validation"]) and len(prompts) == 40
     assert records == SelfPlayDataModule(dataset=path, val_fraction=0.2, seed=3).load_records(), "seeded"
-    assert records["validation"] != SelfPlayDataModule(dataset=path, val_fraction=0.2, seed=4).load_records()["validation"]
+    assert (
+        records["validation"] != SelfPlayDataModule(dataset=path, val_fraction=0.2, seed=4).load_records()["validation"]
+    )
     assert "validation" not in SelfPlayDataModule(dataset=path, val_fraction=0).load_records(), "0 disables it"
     # max_samples draws from the rest, so every data budget (compare's fractions) scores the same held-out rows
     budget = SelfPlayDataModule(dataset=path, val_fraction=0.2, seed=3, max_samples=15).load_records()
@@ -231,35 +258,63 @@ def test_hold_out_and_draw_helpers():
 
 def test_bad_rows_named_by_file_and_row(tmp_path):
     _parquet(tmp_path / "shards" / "a.parquet", [{"prompt": "p", "response": "r"}] * 1)
-    _parquet(tmp_path / "shards" / "b.parquet", [{"prompt": "p2", "response": "r2"}, {"prompt": "p3", "response": None}])
-    with pytest.raises(ConfigError, match=r"shards/b.parquet: row 2: field 'response' must be a non-empty string, got None"):
+    _parquet(
+        tmp_path / "shards" / "b.parquet", [{"prompt": "p2", "response": "r2"}, {"prompt": "p3", "response": None}]
+    )
+    with pytest.raises(
+        ConfigError, match=r"shards/b.parquet: row 2: field 'response' must be a non-empty string, got None"
+    ):
         read_pairs(str(tmp_path / "shards"))
     chats = [
         {"messages": [{"role": "user", "content": "only a question"}]},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "beep"}, {"role": "assistant", "content": ""}]},
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "robot", "content": "beep"},
+                {"role": "assistant", "content": ""},
+            ]
+        },
         {"messages": [{"role": "assistant", "content": "no question"}]},
     ]
     with pytest.raises(ConfigError) as info:
         read_pairs(_jsonl(tmp_path / "chats.jsonl", chats), messages="history")
     message = str(info.value)
     assert "chats.jsonl: row 1: field 'messages': has no assistant turn" in message
-    assert "chats.jsonl: row 2: field 'messages': the turn before the last assistant turn (messages[2]) must be a user turn" in message
-    assert "chats.jsonl: row 3: field 'messages': the turn before the last assistant turn (messages[0]) must be a user turn" in message
+    assert (
+        "chats.jsonl: row 2: field 'messages': the turn before the last assistant turn (messages[2]) must be a user turn"
+        in message
+    )
+    assert (
+        "chats.jsonl: row 3: field 'messages': the turn before the last assistant turn (messages[0]) must be a user turn"
+        in message
+    )
     with pytest.raises(ConfigError) as info:  # the first exchange: the turns in between are not used
-        read_pairs(_jsonl(tmp_path / "chats.jsonl", chats[1:2] + [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}]))
+        read_pairs(
+            _jsonl(
+                tmp_path / "chats.jsonl",
+                chats[1:2] + [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}],
+            )
+        )
     assert "chats.jsonl: row 1: messages[2]: the assistant turn's content must be a non-empty string" in str(info.value)
     assert "chats.jsonl: row 2: messages[1]: the assistant turn's content must be a non-empty string" in str(info.value)
     assert "data.prompt_field" not in str(info.value), "no column hint for a conversation"
 
 
 def test_wrong_column_names_are_named_with_the_columns_found(tmp_path):
-    with pytest.raises(ConfigError, match=r"(?s)row 1: missing field 'response'.*a row has the fields \['prompt', 'text'\]: name the columns with data.prompt_field"):
+    with pytest.raises(
+        ConfigError,
+        match=r"(?s)row 1: missing field 'response'.*a row has the fields \['prompt', 'text'\]: name the columns with data.prompt_field",
+    ):
         read_pairs(_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "text": "t"}]))
 
 
 def test_hub_rows_are_named_by_dataset_and_split(monkeypatch):
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": 1}])
-    with pytest.raises(ConfigError, match=r"org/chats\[train_sft\]: row 2: field 'response' must be a non-empty string"):
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *a, **k: [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": 1}]
+    )
+    with pytest.raises(
+        ConfigError, match=r"org/chats\[train_sft\]: row 2: field 'response' must be a non-empty string"
+    ):
         read_pairs("org/chats", "train_sft")
 
 
@@ -272,7 +327,10 @@ def test_hub_rows_are_named_by_dataset_and_split(monkeypatch):
         ({"dataset_config": "en"}, "data.dataset_config: only for a user dataset, not the embedded task"),
         ({"data_files": "a.jsonl"}, "data.data_files: only for a user dataset, not the embedded task"),
         ({"dataset": "/no/such/train.jsonl"}, "data.dataset: file '/no/such/train.jsonl' does not exist"),
-        ({"dataset": "org/chats", "val_dataset": "./no_such_val.csv"}, "data.val_dataset: file 'no_such_val.csv' does not exist"),
+        (
+            {"dataset": "org/chats", "val_dataset": "./no_such_val.csv"},
+            "data.val_dataset: file 'no_such_val.csv' does not exist",
+        ),
         ({"dataset": "./x.txt"}, "data.dataset: file 'x.txt' does not exist"),
     ],
 )
@@ -313,7 +371,9 @@ def test_compare_uses_the_users_data_as_given(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"model": {"num_iterations": 1}, "data": {"dataset": data, "val_fraction": 0.1}}))
     seen = []
     compare.run_arms(_fake_fit(seen), str(config), tmp_path / "out", ["sft"], [1.0, 0.5], None, [])
-    assert [_max_samples(a) for a in seen] == [None, 450], "all 900 training rows at 100% (not 256), half of them at 50%"
+    assert [_max_samples(a) for a in seen] == [None, 450], (
+        "all 900 training rows at 100% (not 256), half of them at 50%"
+    )
     assert "data fractions of 900 training rows" in capsys.readouterr().out
     # the config's own max_samples is the data at 100%; an override every arm gets counts too
     config.write_text(yaml.safe_dump({"model": {"num_iterations": 1}, "data": {"dataset": data, "max_samples": 300}}))
@@ -321,7 +381,15 @@ def test_compare_uses_the_users_data_as_given(tmp_path, capsys):
     compare.run_arms(_fake_fit(seen), str(config), tmp_path / "out2", ["sft"], [1.0, 0.25], None, [])
     assert [_max_samples(a) for a in seen] == [None, 75]
     seen.clear()
-    compare.run_arms(_fake_fit(seen), str(config), tmp_path / "out3", ["sft"], [0.5], None, ["--data.max_samples=100", "--data.val_fraction", "0"])
+    compare.run_arms(
+        _fake_fit(seen),
+        str(config),
+        tmp_path / "out3",
+        ["sft"],
+        [0.5],
+        None,
+        ["--data.max_samples=100", "--data.val_fraction", "0"],
+    )
     assert _max_samples(seen[0]) == 50
     seen.clear()
     compare.run_arms(_fake_fit(seen), str(config), tmp_path / "out4", ["sft"], [1.0, 0.5], 40, [])

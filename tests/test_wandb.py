@@ -4,24 +4,27 @@ run holds the logged metrics, the samples tables, the group and the full config.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 
 import pytest
-from test_cli import TINY
+from conftest import fit_args, fit_command, subprocess_env
 
-KEYS = ("train/loss_step", "rewards/margin", "eval/accuracy", "eval/nll", "eval/iteration", "generation/tokens_per_second")
+KEYS = (
+    "train/loss_step",
+    "rewards/margin",
+    "eval/accuracy",
+    "eval/nll",
+    "eval/iteration",
+    "generation/tokens_per_second",
+)
 
 
 @pytest.mark.slow
 def test_wandb_offline_run_records_metrics_samples_and_config(tmp_path, cache_dir):
-    env = {**os.environ, "LOWRANK_SPIN_CACHE": cache_dir, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = subprocess_env(cache_dir, WANDB_MODE="offline", WANDB_SILENT="true")
     env.pop("WANDB_API_KEY", None)
-    args = [
-        sys.executable, "-m", "lowrank_spin.cli", "fit", "--config", TINY,
-        "--trainer.default_root_dir", str(tmp_path),
+    args = fit_command(fit_args(tmp_path, csv_logs=False)) + [
         "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
         "--trainer.logger.init_args.offline=true",
         f"--trainer.logger.init_args.save_dir={tmp_path}",

@@ -34,39 +34,39 @@ MATH = "math"
 
 class SelfPlayDataModule(L.LightningDataModule):
     """Args:
-        dataset: `math` (the embedded word-problem task), a local json/jsonl/parquet/csv file, a local
-            folder of such shards, or a `datasets` hub name (`json`/`parquet`/`csv` with `data_files`).
-        split: split of a hub dataset or folder (a single file is all `train`).
-        dataset_config: the hub dataset's config name (`datasets.load_dataset(dataset, dataset_config)`).
-        data_files: files of a hub dataset or folder to read (`datasets.load_dataset(..., data_files=)`).
-        val_dataset, val_split: optional held-out file / hub dataset and split for evaluation; the same
-            dataset's `dataset_config` and `data_files` apply when `val_dataset` is unset.
-        val_fraction: without `val_dataset`/`val_split`, this share of the user's training rows (after
-            duplicates are dropped) is held out for evaluation, drawn with `seed` and logged; 0 = none.
-        prompt_field, response_field: column names of a (prompt, response) schema. Rows without the
-            response column take their pair from SPIN's `real` message list or from a `messages` list
-            (ultrachat_200k's `prompt` + `prompt_id` + `messages` rows included).
-        messages: how a message list becomes a pair: `first_turn` (its first user -> assistant
-            exchange, the prompt a string) or `history` (the turns before the last assistant turn are
-            the prompt, rendered with the chat template; that turn is the response).
-        max_samples: the annotated-data budget (the data-scarcity knob). Of a user dataset: a random
-            subset of N training rows drawn with `seed` after the held-out share (a smaller N draws a
-            subset of a larger one). Of the embedded task: the first N of its train split, itself
-            already a seeded random draw (`task_seed`).
-        num_train, num_val, num_test, task_seed: sizes and seed of the embedded task's splits.
-        system_prompt: optional system message put before every prompt.
-        max_prompt_length: prompts longer than this (in tokens) are skipped, with a count reported.
-        max_response_length: real responses are truncated to this many tokens.
-        batch_size: training examples per step (and per scoring batch).
-        sampling: how the opponent's responses are drawn (`settings.SamplingSettings`).
-        evaluation: what each iteration boundary evaluates (`settings.EvaluationSettings`).
-        keep_previous_iterations: train iteration t on its own pairs plus iteration t-1's (re-scored).
-        length_grouped_batches: each epoch the training examples are shuffled, then every window of
-            this many batches is sorted by length and cut into batches, and the batches are shuffled:
-            a batch holds similar lengths, so it pads less (on the math task 6% of the tokens instead
-            of 17% at 4). 1 = a plain shuffle.
-        seed: seeds generation (per batch) and the shuffling (per epoch): a resumed run sees what an
-            uninterrupted one would have.
+    dataset: `math` (the embedded word-problem task), a local json/jsonl/parquet/csv file, a local
+        folder of such shards, or a `datasets` hub name (`json`/`parquet`/`csv` with `data_files`).
+    split: split of a hub dataset or folder (a single file is all `train`).
+    dataset_config: the hub dataset's config name (`datasets.load_dataset(dataset, dataset_config)`).
+    data_files: files of a hub dataset or folder to read (`datasets.load_dataset(..., data_files=)`).
+    val_dataset, val_split: optional held-out file / hub dataset and split for evaluation; the same
+        dataset's `dataset_config` and `data_files` apply when `val_dataset` is unset.
+    val_fraction: without `val_dataset`/`val_split`, this share of the user's training rows (after
+        duplicates are dropped) is held out for evaluation, drawn with `seed` and logged; 0 = none.
+    prompt_field, response_field: column names of a (prompt, response) schema. Rows without the
+        response column take their pair from SPIN's `real` message list or from a `messages` list
+        (ultrachat_200k's `prompt` + `prompt_id` + `messages` rows included).
+    messages: how a message list becomes a pair: `first_turn` (its first user -> assistant
+        exchange, the prompt a string) or `history` (the turns before the last assistant turn are
+        the prompt, rendered with the chat template; that turn is the response).
+    max_samples: the annotated-data budget (the data-scarcity knob). Of a user dataset: a random
+        subset of N training rows drawn with `seed` after the held-out share (a smaller N draws a
+        subset of a larger one). Of the embedded task: the first N of its train split, itself
+        already a seeded random draw (`task_seed`).
+    num_train, num_val, num_test, task_seed: sizes and seed of the embedded task's splits.
+    system_prompt: optional system message put before every prompt.
+    max_prompt_length: prompts longer than this (in tokens) are skipped, with a count reported.
+    max_response_length: real responses are truncated to this many tokens.
+    batch_size: training examples per step (and per scoring batch).
+    sampling: how the opponent's responses are drawn (`settings.SamplingSettings`).
+    evaluation: what each iteration boundary evaluates (`settings.EvaluationSettings`).
+    keep_previous_iterations: train iteration t on its own pairs plus iteration t-1's (re-scored).
+    length_grouped_batches: each epoch the training examples are shuffled, then every window of
+        this many batches is sorted by length and cut into batches, and the batches are shuffled:
+        a batch holds similar lengths, so it pads less (on the math task 6% of the tokens instead
+        of 17% at 4). 1 = a plain shuffle.
+    seed: seeds generation (per batch) and the shuffling (per epoch): a resumed run sees what an
+        uninterrupted one would have.
     """
 
     def __init__(
@@ -108,7 +108,11 @@ class SelfPlayDataModule(L.LightningDataModule):
     def errors(self) -> list[str]:
         """Every bad data setting, each naming its field (empty when all are fine)."""
         hp = self.hparams
-        errors = [f"data.{f}: must be >= 1, got {hp[f]}" for f in ("batch_size", "max_prompt_length", "max_response_length", "length_grouped_batches") if hp[f] < 1]
+        errors = [
+            f"data.{f}: must be >= 1, got {hp[f]}"
+            for f in ("batch_size", "max_prompt_length", "max_response_length", "length_grouped_batches")
+            if hp[f] < 1
+        ]
         errors += [f"data.{f}: must be >= 0, got {hp[f]}" for f in ("num_train", "num_val", "num_test") if hp[f] < 0]
         if hp.dataset == MATH and hp.num_train < 1:
             errors.append("data.num_train: the math task needs at least 1 training problem")
@@ -119,7 +123,11 @@ class SelfPlayDataModule(L.LightningDataModule):
         if hp.messages not in MESSAGES:
             errors.append(f"data.messages: must be one of {MESSAGES}, got {hp.messages!r}")
         if hp.dataset == MATH:
-            errors += [f"data.{f}: only for a user dataset, not the embedded task (data.dataset: {MATH})" for f in ("dataset_config", "data_files") if hp[f]]
+            errors += [
+                f"data.{f}: only for a user dataset, not the embedded task (data.dataset: {MATH})"
+                for f in ("dataset_config", "data_files")
+                if hp[f]
+            ]
         else:
             errors += source_errors(hp.dataset, "data.dataset", hp.dataset_config, hp.data_files)
         if hp.val_dataset and hp.val_dataset != hp.dataset:
@@ -164,15 +172,33 @@ class SelfPlayDataModule(L.LightningDataModule):
         records = {}
         if hp.val_dataset or hp.val_split:
             other = hp.val_dataset not in (None, hp.dataset)
-            val = read_pairs(hp.val_dataset or hp.dataset, hp.val_split or hp.split, **columns, **({} if other else same), field="data.val_dataset" if other else "data.dataset")
+            val = read_pairs(
+                hp.val_dataset or hp.dataset,
+                hp.val_split or hp.split,
+                **columns,
+                **({} if other else same),
+                field="data.val_dataset" if other else "data.dataset",
+            )
             records["validation"] = val
         elif hp.val_fraction > 0:
             total = len(train)
             train, records["validation"] = hold_out(train, hp.val_fraction, hp.seed)
-            log.warning("held out %d of %d training rows (data.val_fraction=%s, seed %d) for evaluation", len(records["validation"]), total, hp.val_fraction, hp.seed)
+            log.warning(
+                "held out %d of %d training rows (data.val_fraction=%s, seed %d) for evaluation",
+                len(records["validation"]),
+                total,
+                hp.val_fraction,
+                hp.seed,
+            )
         if hp.max_samples is not None:
             if hp.max_samples < len(train):
-                log.warning("data.max_samples=%d: a random %d of %d training rows (seed %d)", hp.max_samples, hp.max_samples, len(train), hp.seed)
+                log.warning(
+                    "data.max_samples=%d: a random %d of %d training rows (seed %d)",
+                    hp.max_samples,
+                    hp.max_samples,
+                    len(train),
+                    hp.seed,
+                )
             else:
                 log.warning("data.max_samples=%d: only %d training rows, all used", hp.max_samples, len(train))
             train = draw(train, hp.max_samples, hp.seed)
@@ -185,7 +211,9 @@ class SelfPlayDataModule(L.LightningDataModule):
             for split, rows in self.records.items():
                 self._examples[split] = self._tokenize(rows, split)
             if not self._examples["train"]:
-                raise ValueError(f"data.max_prompt_length: every training prompt is longer than {self.hparams.max_prompt_length} tokens")
+                raise ValueError(
+                    f"data.max_prompt_length: every training prompt is longer than {self.hparams.max_prompt_length} tokens"
+                )
         return self._examples
 
     def _tokenize(self, rows: list[dict], split: str) -> list[dict]:
@@ -198,7 +226,13 @@ class SelfPlayDataModule(L.LightningDataModule):
                 continue
             examples.append({**row, "prompt_ids": prompt_ids, "real_ids": real_ids[: hp.max_response_length]})
         if skipped:
-            log.warning("%s: skipped %d of %d prompts longer than data.max_prompt_length=%d tokens", split, skipped, len(rows), hp.max_prompt_length)
+            log.warning(
+                "%s: skipped %d of %d prompts longer than data.max_prompt_length=%d tokens",
+                split,
+                skipped,
+                len(rows),
+                hp.max_prompt_length,
+            )
         return examples
 
     # ---- what training and evaluation read --------------------------------------------------------
@@ -257,7 +291,10 @@ class SelfPlayDataModule(L.LightningDataModule):
         """Generate `iteration`'s responses with the opponent, score them, write `iter_<t>/synthetic.jsonl`."""
         examples = [dict(e) for e in self.examples["train"]]
         rank, world_size = self.trainer.global_rank, self.trainer.world_size
-        path, progress = self.run_dir.synthetic(iteration), self.run_dir.generation_progress(iteration, rank, world_size)
+        path, progress = (
+            self.run_dir.synthetic(iteration),
+            self.run_dir.generation_progress(iteration, rank, world_size),
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         generated, stats = self.opponent.generate(
             [e["prompt_ids"] for e in examples],
@@ -275,7 +312,9 @@ class SelfPlayDataModule(L.LightningDataModule):
             example["generated_ids"] = (
                 gen.token_ids
                 if gen.token_ids is not None
-                else response_ids(self.opponent.tokenizer, gen.text, gen.finished, example["prompt"], self.hparams.system_prompt)
+                else response_ids(
+                    self.opponent.tokenizer, gen.text, gen.finished, example["prompt"], self.hparams.system_prompt
+                )
             )
         # T-SPIN's proto-synthetic y0 is generated once, by the initial model: iteration 0's responses.
         protos = examples if iteration == 0 else read_jsonl(self.run_dir.synthetic(0))
@@ -283,7 +322,10 @@ class SelfPlayDataModule(L.LightningDataModule):
             proto_ids = drawn_ids(proto, "generated", self.opponent.tokenizer, self.hparams.system_prompt)
             example.update(proto=proto["generated"], proto_finished=proto["generated_finished"], proto_ids=proto_ids)
         self.opponent.score_for_training(examples, generated, self.hparams.batch_size)
-        rows = [{k: v for k, v in e.items() if k not in ("prompt_ids", "real_ids")} | {"iteration": iteration} for e in examples]
+        rows = [
+            {k: v for k, v in e.items() if k not in ("prompt_ids", "real_ids")} | {"iteration": iteration}
+            for e in examples
+        ]
         if self.trainer.is_global_zero:
             write_jsonl_atomic(rows, path)
         self.trainer.strategy.barrier("synthetic data written")
@@ -317,7 +359,9 @@ class SelfPlayDataModule(L.LightningDataModule):
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
         if unfinished or empty:
-            log.info("iteration %d: %d of %d generations hit max_new_tokens, %d empty", iteration, unfinished, total, empty)
+            log.info(
+                "iteration %d: %d of %d generations hit max_new_tokens, %d empty", iteration, unfinished, total, empty
+            )
 
     # ---- Lightning state: the pairs are rebuilt from disk on resume -------------------------------
 

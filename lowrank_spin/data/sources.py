@@ -92,7 +92,9 @@ def read_pairs(
     return draw(rows, max_samples, seed) if max_samples is not None else rows
 
 
-def to_pair(item, prompt_field: str, response_field: str, messages: str = "first_turn") -> tuple[dict | None, list[str]]:
+def to_pair(
+    item, prompt_field: str, response_field: str, messages: str = "first_turn"
+) -> tuple[dict | None, list[str]]:
     """One raw row as `{"prompt", "response"}` (see `read_pairs`), or None and what is wrong with it."""
     if not isinstance(item, dict):
         return None, [f"expected an object, got {type(item).__name__}"]
@@ -143,9 +145,13 @@ def source_errors(source: str, field: str, dataset_config: str | None = None, da
         errors.append(f"{field}: file {str(path)!r} does not exist")
     elif path.is_file():
         if _format(path) is None:
-            errors.append(f"{field}: {str(path)!r} is not a {'/'.join(s[1:] for s in FORMATS)} file (nor a folder of them)")
+            errors.append(
+                f"{field}: {str(path)!r} is not a {'/'.join(s[1:] for s in FORMATS)} file (nor a folder of them)"
+            )
         if data_files:
-            errors.append(f"data.data_files: only for a folder or a hub dataset (or a builder name: json, parquet, csv); {field} is the file {str(path)!r}")
+            errors.append(
+                f"data.data_files: only for a folder or a hub dataset (or a builder name: json, parquet, csv); {field} is the file {str(path)!r}"
+            )
     if dataset_config and (path.exists() or _looks_local(source)):
         errors.append(f"data.dataset_config: a hub dataset's config name, but {field} is the local path {str(path)!r}")
     return errors
@@ -258,11 +264,17 @@ def _from_messages(turns: list, name: str, mode: str) -> tuple[dict | None, list
             return None, [f"field {name!r}: has no assistant turn"]
         last = len(roles) - 1 - roles[::-1].index("assistant")
         if last == 0 or roles[last - 1] != "user":
-            return None, [f"field {name!r}: the turn before the last assistant turn ({name}[{last}]) must be a user turn"]
+            return None, [
+                f"field {name!r}: the turn before the last assistant turn ({name}[{last}]) must be a user turn"
+            ]
         used = range(last + 1)
     else:
         user = roles.index("user") if "user" in roles else None
-        last = next((i for i in range(user + 1, len(roles)) if roles[i] == "assistant"), None) if user is not None else None
+        last = (
+            next((i for i in range(user + 1, len(roles)) if roles[i] == "assistant"), None)
+            if user is not None
+            else None
+        )
         if last is None:
             return None, [f"field {name!r}: has no user turn followed by an assistant turn"]
         used = (user, last)
@@ -270,7 +282,9 @@ def _from_messages(turns: list, name: str, mode: str) -> tuple[dict | None, list
     for i in used:
         turn = turns[i]
         if roles[i] not in ROLES or not isinstance(turn.get("content"), str):
-            problems.append(f"{name}[{i}]: expected a {{'role', 'content'}} turn with role in {ROLES} and string content, got {turn!r:.60}")
+            problems.append(
+                f"{name}[{i}]: expected a {{'role', 'content'}} turn with role in {ROLES} and string content, got {turn!r:.60}"
+            )
         elif roles[i] != "system" and not turn["content"].strip():
             problems.append(f"{name}[{i}]: the {roles[i]} turn's content must be a non-empty string")
     if problems:

@@ -42,7 +42,6 @@ def embedded_model_dir(name: str, cache_dir: str | None = None) -> Path:
     return target
 
 
-
 def _build_atomically(target: Path, build) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -128,4 +127,3 @@ def byte_level_tokenizer() -> PreTrainedTokenizerBase:
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
-

@@ -27,10 +27,10 @@ def fit_command(args: list[str]) -> list[str]:
 
 
 def subprocess_env(cache_dir: str, **variables: str) -> dict[str, str]:
-    """This process's environment for a child run: the test cache, one thread, no fault injection."""
-    env = {**os.environ, "LOWRANK_SPIN_CACHE": cache_dir, "OMP_NUM_THREADS": "1", **variables}
-    env.pop("LOWRANK_SPIN_KILL_AT", None)
-    return env
+    """This process's environment for a child run: the test cache, one thread, no fault injection
+    (unless `variables` set one), plus `variables`."""
+    env = {k: v for k, v in os.environ.items() if k != "LOWRANK_SPIN_KILL_AT"}
+    return {**env, "LOWRANK_SPIN_CACHE": cache_dir, "OMP_NUM_THREADS": "1", **variables}
 
 
 def pytest_configure(config):

@@ -19,8 +19,9 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from lowrank_spin.batching import IGNORE_INDEX, Collator
 from lowrank_spin.data.chat import end_of_turn_ids, render_pair, render_prompt, response_ids
 from lowrank_spin.embedded.models import CHATML_TEMPLATE
-from lowrank_spin.generation import assistant_turn_end, generate_responses
+from lowrank_spin.generation import generate_responses
 from lowrank_spin.settings import SamplingSettings
+from lowrank_spin.templates import assistant_turn_end
 
 LLAMA3_TEMPLATE = (
     "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"

@@ -9,7 +9,7 @@ question (str) or a conversation ending with a user turn (`[{"role", "content"},
 
 from __future__ import annotations
 
-from lowrank_spin.generation import assistant_turn_end, end_of_turn_ids
+from lowrank_spin.templates import assistant_turn_end, end_of_turn_ids
 
 __all__ = ["drawn_ids", "end_of_turn_ids", "render_pair", "render_prompt", "response_ids"]
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,13 +110,39 @@ def main() -> None:
         "--workdir", default=None, help="where the random models are saved (default: a temporary folder)"
     )
     parser.add_argument("--output", default="benchmarks/results/memory.json")
-    parser.add_argument("--worker", choices=["build", "ours", *VARIANTS], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="instead: peak RSS per phase of one SPIN iteration of the embedded SmolLM2 at the main config's "
+        "shapes, full logits vs chunked log-probs, each in a fresh process",
+    )
+    parser.add_argument("--chunk-sizes", nargs="+", default=["none", "512"], help="with --phases: none = full logits")
+    parser.add_argument("--generation-batches", type=int, default=1, help="with --phases: batches of 16 prompts")
+    parser.add_argument("--repeats", type=int, default=3, help="with --phases: timed training steps per variant")
+    parser.add_argument(
+        "--trace-fit",
+        metavar="RUN_DIR",
+        help="instead: run the README's main command (lowrank-spin fit --config configs/smollm2_spin.yaml) into "
+        "RUN_DIR, sampling its RSS every 0.2 s, and report peak RSS and seconds per phase",
+    )
+    parser.add_argument("--trace-file", help="instead: the per-phase table of a trace written by --trace-fit")
+    parser.add_argument("--worker", choices=["build", "ours", "phases", *VARIANTS], help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-size", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "build":
         build_worker(args)
+        return
+    if args.worker == "phases":
+        phases_worker(args)
+        return
+    if args.phases:
+        phases_main(args)
+        return
+    if args.trace_fit or args.trace_file:
+        trace_main(args)
         return
     if args.worker:
         step_worker(args)
@@ -322,6 +349,399 @@ def step_worker(args) -> None:
         "losses": step_losses,
     }
     Path(args.worker_output).write_text(json.dumps(result))
+
+
+# ---- --phases: where the memory of one SPIN iteration goes -----------------------------------------
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2_spin.yaml"
+PHASES = (
+    ("startup", "start-up: imports"),
+    ("model_load", "model load: nf4 base + LoRA adapters"),
+    ("generation", "generation: one batch of 16 prompts, 96 new tokens (HF generate, KV cache)"),
+    ("scoring", "opponent scoring: 8 examples [real; generated], no grad"),
+    ("train_forward", "training step: policy forward (log-probs with graph)"),
+    ("train_backward", "training step: backward"),
+    ("optimizer", "training step: AdamW step"),
+    ("eval_gold_nll", "evaluation: gold NLL, 16 rows (evaluation.gold_nll: response_logits)"),
+    ("eval_gold_nll_chunked", "evaluation: gold NLL, 16 rows via response_logps(chunk_size)"),
+)
+
+
+def phases_main(args) -> None:
+    """One fresh process per `--chunk-sizes` value, run back to back: per-phase peak RSS and seconds."""
+    from lowrank_spin import models
+
+    setting = args.dtype
+    args.dtype, reason = models.choose_dtype(setting, "cpu")
+    print(f"dtype: {args.dtype} ({reason})", flush=True)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_memory."))
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = {
+        "settings": {
+            "chunk_sizes": args.chunk_sizes,
+            "generation_batches": args.generation_batches,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "dtype": setting,
+        },
+        "dtype": args.dtype,
+        "dtype_reason": reason,
+        "cpu_flags": _cpu_flags(),
+        "variants": {},
+    }
+    for chunk in args.chunk_sizes:
+        out = workdir / f"phases.{chunk}.json"
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "phases",
+            "--chunk-size",
+            chunk,
+            "--worker-output",
+            str(out),
+            "--dtype",
+            args.dtype,
+            "--threads",
+            str(args.threads),
+            "--repeats",
+            str(args.repeats),
+            "--generation-batches",
+            str(args.generation_batches),
+        ]
+        print(f"[phases] chunk_size={chunk} ...", flush=True)
+        child = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        _, status, usage = os.wait4(child.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"phases worker (chunk_size={chunk}) failed")
+        results["variants"][chunk] = json.loads(out.read_text()) | {"ru_maxrss_gb": usage.ru_maxrss / 2**20}
+    write_phases_report(results, Path(args.output))
+
+
+def phases_worker(args) -> None:
+    """Peak RSS (VmHWM, reset through /proc/self/clear_refs before each phase) and seconds per phase."""
+    import ctypes
+
+    started = time.perf_counter()
+    import torch
+    import yaml
+
+    from lowrank_spin import models
+    from lowrank_spin.batching import SharedPromptCollator, response_logps
+    from lowrank_spin.data.chat import render_pair
+    from lowrank_spin.embedded import task
+    from lowrank_spin.evaluation import gold_nll
+    from lowrank_spin.generation import generate_responses
+    from lowrank_spin.losses import spin_loss
+    from lowrank_spin.settings import LoRASettings, SamplingSettings
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    chunk = None if args.chunk_size == "none" else int(args.chunk_size)
+    config = yaml.safe_load(CONFIG.read_text())
+    data, sampling_config = config["data"], config["data"]["sampling"]
+    lora = config["model"]["lora"]
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+    rows = {}
+
+    def record(name: str, start: float) -> None:
+        rss, peak = _rss_gb()
+        trim(0)  # what glibc gives back: RSS kept by the allocator after the phase's frees
+        rows[name] = {
+            "peak_gb": peak,
+            "rss_after_gb": rss,
+            "rss_after_trim_gb": _status_gb("VmRSS"),
+            "seconds": time.perf_counter() - start,
+        }
+        print(f"[phases chunk={args.chunk_size}] {name}: {json.dumps(rows[name])}", flush=True)
+        Path("/proc/self/clear_refs").write_text("5")
+
+    record("startup", started)
+    start = time.perf_counter()
+    path = models.resolve_model_path(models.SMOLLM2)
+    tokenizer = models.load_tokenizer(path)
+    base = models.load_base_model(path, load_in_4bit=config["model"]["load_in_4bit"], compute_dtype=args.dtype)
+    model = models.attach_lora(base, LoRASettings(rank=lora["rank"], alpha=lora["alpha"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    _init_optimizer_state(optimizer)
+    record("model_load", start)
+
+    problems = task.make_splits(data["num_train"], data["num_val"], 0)
+    examples = []
+    for i, problem in enumerate(problems["train"]):
+        prompt_ids, real_ids = render_pair(tokenizer, problem.prompt, problem.response)
+        other = problems["train"][(i + 1) % len(problems["train"])]
+        # a generated response as long as an answer drawn with max_new_tokens (96) can be
+        generated_ids = render_pair(tokenizer, problem.prompt, other.response)[1][: sampling_config["max_new_tokens"]]
+        examples.append({"prompt_ids": prompt_ids, "real_ids": real_ids, "generated_ids": generated_ids})
+    examples.sort(key=lambda e: -len(e["prompt_ids"]) - len(e["real_ids"]) - len(e["generated_ids"]))
+
+    start = time.perf_counter()
+    sampling = SamplingSettings(
+        **{k: sampling_config[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens", "batch_size")}
+    )
+    prompts = [e["prompt_ids"] for e in examples[: sampling.batch_size * args.generation_batches]]
+    with models.opponent(model, adapters_disabled=True):
+        _, stats = generate_responses(model, tokenizer, prompts, sampling, desc="generate")
+    record("generation", start)
+    rows["generation"]["new_tokens"] = stats["new_tokens"]
+
+    batch = SharedPromptCollator(tokenizer.pad_token_id, ("real", "generated"))(examples[: data["batch_size"]])
+    rows_info = {
+        "batch_width": int(batch["input_ids"].shape[1]),
+        "scored_positions": int((batch["targets"] != -100).sum()),
+    }
+    start = time.perf_counter()
+    model.eval()
+    with torch.no_grad(), models.opponent(model, adapters_disabled=True):
+        opponent_real, opponent_generated = response_logps(model, batch, chunk_size=chunk).chunk(2)
+    model.train()
+    record("scoring", start)
+
+    step_seconds = []
+    for repeat in range(args.repeats):
+        start = time.perf_counter()
+        real, generated = response_logps(model, batch, chunk_size=chunk).chunk(2)  # layout: [real; generated]
+        loss = spin_loss(real, generated, opponent_real, opponent_generated)[0].mean()
+        if repeat == 0:
+            record("train_forward", start)
+        middle = time.perf_counter()
+        loss.backward()
+        if repeat == 0:
+            record("train_backward", middle)
+        end_backward = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if repeat == 0:
+            record("optimizer", end_backward)
+        step_seconds.append(
+            {
+                "forward_s": middle - start,
+                "backward_s": end_backward - middle,
+                "step_s": time.perf_counter() - start,
+                "loss": loss.item(),
+            }
+        )
+
+    from lowrank_spin.batching import Collator, batches
+
+    eval_examples = examples[: sampling.batch_size]
+    start = time.perf_counter()
+    nll, tokens = gold_nll(model, eval_examples, Collator(tokenizer.pad_token_id, ("real",)), sampling.batch_size)
+    record("eval_gold_nll", start)
+    start = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        chunked_nll = sum(
+            -response_logps(model, b, chunk_size=chunk).sum().item()
+            for _, b in batches(eval_examples, Collator(tokenizer.pad_token_id, ("real",)), sampling.batch_size, "cpu")
+        )
+    record("eval_gold_nll_chunked", start)
+    rows["eval_gold_nll_chunked"]["nll_difference"] = chunked_nll - nll
+    result = {"phases": rows, "steps": step_seconds, "batch": rows_info, "chunk_size": chunk}
+    Path(args.worker_output).write_text(json.dumps(result))
+
+
+def write_phases_report(results: dict, output: Path) -> None:
+    variants = results["variants"]
+    names = list(variants)
+    lines = [
+        f"dtype: {results['dtype']} ({results['dtype_reason']}); CPU flags: {results['cpu_flags']}",
+        f"one fresh process per variant, run back to back; batch: {next(iter(variants.values()))['batch']}",
+        "",
+        "| phase | " + " | ".join(f"chunk={n}: peak GB / RSS after / after malloc_trim / s" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for key, label in PHASES:
+        cells = []
+        for n in names:
+            r = variants[n]["phases"].get(key)
+            cells.append(
+                f"{r['peak_gb']:.2f} / {r['rss_after_gb']:.2f} / {r['rss_after_trim_gb']:.2f} / {r['seconds']:.1f}"
+                if r
+                else ""
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| whole process (ru_maxrss) | " + " | ".join(f"{variants[n]['ru_maxrss_gb']:.2f}" for n in names) + " |"
+    )
+    for n in names:
+        steps = variants[n]["steps"][1:] or variants[n]["steps"]  # the first step warms up
+        fwd = sum(s["forward_s"] for s in steps) / len(steps)
+        bwd = sum(s["backward_s"] for s in steps) / len(steps)
+        lines.append(
+            f"\\nchunk={n}: training step forward {fwd:.2f} s, backward {bwd:.2f} s (mean of {len(steps)} after the first), "
+            f"losses {[round(s['loss'], 6) for s in variants[n]['steps']]}"
+        )
+    report.write_results(results, "\n".join(lines), output)
+
+
+# ---- --trace-fit: the main command's RSS over time, cut into phases by what it prints -------------------
+
+# (phase, pattern of an output fragment that starts it); a progress bar at n == total ends its phase
+TRACE_MARKERS = (
+    ("model load", re.compile(r"^model\.(compute_)?dtype: ")),
+    ("generation", re.compile(r"^iter \d+ generate:")),
+    ("training steps", re.compile(r"^Epoch \d+:")),
+    ("evaluation: greedy answers", re.compile(r"^evaluate:")),
+    ("teardown", re.compile(r"^run directory: ")),
+)
+AFTER_BAR = {
+    "generation": "opponent scoring",
+    "training steps": "boundary: save adapter, held-out rewards, snapshot",
+    "evaluation: greedy answers": "evaluation: gold NLL, results",
+}
+_BAR = re.compile(r"(\d+)/(\d+) \[")
+
+
+def trace_main(args) -> None:
+    trace = Path(args.trace_file) if args.trace_file else Path(args.trace_fit) / "memory_trace.jsonl"
+    if args.trace_fit:
+        cache = Path(os.environ.get("LOWRANK_SPIN_CACHE", Path.home() / ".cache" / "lowrank_spin"))
+        script = Path(sys.executable).parent / "lowrank-spin"
+        cli = [str(script)] if script.exists() else [sys.executable, "-m", "lowrank_spin.cli"]
+        command = [*cli, "fit", "--config", str(CONFIG), "--trainer.default_root_dir", args.trace_fit]
+        Path(args.trace_fit).mkdir(parents=True, exist_ok=True)
+        record_trace(command, trace, cache)
+    table = trace_phases([json.loads(line) for line in trace.read_text().splitlines()])
+    results = {"trace": str(trace), "cpu_flags": _cpu_flags(), "phases": table}
+    lines = [
+        f"CPU flags: {results['cpu_flags']}; trace {trace}",
+        "",
+        "| phase | seconds | peak RSS GB |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {row['phase']} | {row['seconds']:.0f} | {row['peak_gb']:.2f} |" for row in table["rows"]]
+    lines.append(f"| whole run (wait4 ru_maxrss) | {table['wall_s']:.0f} | {table['ru_maxrss_gb']:.2f} |")
+    report.write_results(results, "\n".join(lines), Path(args.output))
+
+
+def record_trace(command: list[str], trace: Path, cache: Path) -> None:
+    """Run `command`; write JSON lines to `trace`: its output fragments (split on \r and \n) with their
+    arrival time, its VmRSS and its largest child's every 0.2 s, whether `cache` holds a model being built."""
+    import threading
+
+    out, lock, stop = open(trace, "w"), threading.Lock(), threading.Event()
+
+    def emit(record: dict) -> None:
+        with lock:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+
+    emit({"kind": "start", "t": time.time(), "cmd": command})
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+
+    def sample() -> None:
+        while not stop.is_set():
+            children = _descendants(child.pid)
+            building = cache.exists() and any(p.name.startswith(".smollm2-135m-instruct.") for p in cache.iterdir())
+            emit(
+                {
+                    "kind": "rss",
+                    "t": time.time(),
+                    "kib": _rss_kib(child.pid),
+                    "kids_kib": max([_rss_kib(c) or 0 for c in children], default=0),
+                    "building": building,
+                }
+            )
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    buffer, emitted = b"", False
+    with open(f"{trace}.log", "wb") as log:
+        while chunk := child.stdout.read(4096):
+            log.write(chunk)
+            buffer += chunk
+            parts = re.split(rb"[\r\n]", buffer)
+            buffer = parts.pop()
+            now = time.time()
+            # a progress bar writes "\r<state>": its state counts from when it arrives, not when the next ends it
+            for i, part in enumerate([*parts, buffer]):
+                if part.strip() and not (i == 0 and emitted):
+                    emit({"kind": "out", "t": now, "text": part.decode(errors="replace")[:300]})
+            emitted = bool(buffer.strip())
+    _, status, usage = os.wait4(child.pid, 0)
+    stop.set()
+    sampler.join()
+    emit({"kind": "end", "t": time.time(), "rc": os.waitstatus_to_exitcode(status), "ru_maxrss_kib": usage.ru_maxrss})
+    out.close()
+
+
+def trace_phases(records: list[dict]) -> dict:
+    """Seconds and peak RSS (the process's, or its largest child's while one runs) per phase of a trace."""
+    start = next(r for r in records if r["kind"] == "start")
+    # a trace still being written (or of a killed run) ends at its last record, without ru_maxrss
+    end = next((r for r in records if r["kind"] == "end"), {"t": records[-1]["t"], "ru_maxrss_kib": 0})
+    changes, phase = [(start["t"], "start-up: imports, CLI, data")], None
+    for r in records:
+        if r["kind"] != "out":
+            continue
+        text = r["text"].strip()
+        new = next((name for name, pattern in TRACE_MARKERS if pattern.search(text)), None)
+        bar = _BAR.search(text)
+        if new and bar and int(bar.group(1)) == int(bar.group(2)) and new in AFTER_BAR:
+            new = AFTER_BAR[new]
+        if new and new != phase and not (phase in AFTER_BAR.values() and new in AFTER_BAR and AFTER_BAR[new] == phase):
+            changes.append((r["t"], new))
+            phase = new
+    rows: dict[str, dict] = {}
+    samples = [r for r in records if r["kind"] == "rss" and r["kib"]]
+    building_label = "GGUF conversion (in its own process where it has one)"
+    for i, (t, name) in enumerate(changes):
+        stop = changes[i + 1][0] if i + 1 < len(changes) else end["t"]
+        for s in (s for s in samples if t <= s["t"] < stop):
+            label = building_label if s["building"] else name
+            row = rows.setdefault(label, {"phase": label, "seconds": 0.0, "peak_gb": 0.0})
+            row["peak_gb"] = max(row["peak_gb"], max(s["kib"], s["kids_kib"]) / 2**20)
+        rows.setdefault(name, {"phase": name, "seconds": 0.0, "peak_gb": 0.0})["seconds"] += stop - t
+    building = [s["t"] for s in samples if s["building"]]
+    if building:
+        rows[building_label]["seconds"] = building[-1] - building[0]
+    return {
+        "rows": list(rows.values()),
+        "wall_s": end["t"] - start["t"],
+        "ru_maxrss_gb": end["ru_maxrss_kib"] / 2**20,
+        "changes": changes,
+    }
+
+
+def _rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        kids = [k for k, parent in parents.items() if parent == pid]
+        found += kids
+        todo += kids
+    return found
+
+
+def _cpu_flags() -> str:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512f/avx512_bf16/amx"
 
 
 def _random_batch(vocab_size: int, pairs: int, seq_len: int) -> dict:

@@ -147,26 +147,168 @@ def response_logits(
     return logits, labels[:, width - keep :]
 
 
+# Scored positions per lm_head chunk: [chunk, vocab] float32 logits (~100 MB at SmolLM2's 49k vocabulary)
+# instead of [batch, seq, vocab] for the whole batch (with log-softmax and backward copies, ~1 GB each).
+LOGITS_CHUNK_SIZE = 512
+
+
 def response_logps(
-    model: torch.nn.Module, batch: dict, average: bool = False, num_responses: int | None = None
+    model: torch.nn.Module,
+    batch: dict,
+    average: bool = False,
+    num_responses: int | None = None,
+    chunk_size: int | None = LOGITS_CHUNK_SIZE,
 ) -> torch.Tensor:
     """Log-probs of the responses of `batch`, laid out [response_1; response_2; ...] along dim 0.
 
     Takes either layout: one row per (example, response) with `labels` (`Collator`), or
     one row per example with the prompt once and every response after it (`SharedPromptCollator`).
     `num_responses` scores only the first n responses of each example (e.g. real and generated of a
-    T-SPIN batch, which also holds proto).
+    T-SPIN batch, which also holds proto). Returns [K*batch] float32 sums (means with `average`).
+
+    The lm_head runs on the scored positions only, `chunk_size` of them at a time (`chunked_token_logps`),
+    so no [batch, seq, vocab] logits exist in the forward or the backward; the log-probs and
+    gradients are those of the full logits. `chunk_size=None`, or a model whose logits are more than
+    lm_head(decoder output) (`_decoder_and_head`), takes the full logits of the scored span instead.
     """
+    if "targets" in batch:
+        targets = batch["targets"][:num_responses]
+        k, row, position = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        token_targets, slot = targets[k, row, position], k * targets.shape[1] + row
+        num_slots = targets.shape[0] * targets.shape[1]
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "position_ids": batch["position_ids"],
+            "attention_mask": shared_prompt_mask(batch["segments"], model),
+        }
+    else:
+        rows = slice(0, None if num_responses is None else num_responses * batch["num_examples"])
+        labels = batch["labels"][rows]
+        # position t predicts the token at t + 1
+        row, position = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        token_targets, slot, num_slots = labels[row, position + 1], row, labels.shape[0]
+        inputs = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows]}
+    parts = _decoder_and_head(model) if chunk_size else None
+    if parts is None:
+        return _full_logits_logps(model, batch, inputs, average, num_responses)
+    decoder, head = parts
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    token_logps = chunked_token_logps(hidden[row, position], token_targets, head, chunk_size)
+    summed = torch.zeros(num_slots, dtype=token_logps.dtype, device=token_logps.device).index_add(0, slot, token_logps)
+    if average:
+        counts = torch.zeros_like(summed).index_add(0, slot, torch.ones_like(token_logps))
+        return summed / counts.clamp(min=1)
+    return summed
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_size: int = LOGITS_CHUNK_SIZE
+) -> torch.Tensor:
+    """log softmax(head(hidden))[target] per row of hidden [N, d], targets [N]: returns [N] float32.
+
+    At most `chunk_size` rows of logits exist at a time, in the forward and in the backward:
+    - a frozen plain `nn.Linear` head (LoRA leaves the lm_head alone): `_FrozenHeadLogps` takes
+      d log p / d hidden = W^T (onehot - softmax) per row while it has the logits, so the backward
+      is one multiply and costs no more than the full-logits backward did;
+    - any other head (trainable, adapted, partitioned): each chunk under activation checkpointing,
+      its logits recomputed in the backward (one more lm_head forward over the scored positions).
+    """
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        with torch.no_grad():
+            return torch.cat([_chunk_logps(head, h, t) for h, t in _chunks(hidden, targets, chunk_size)])
+    if _is_frozen_linear(head):
+        return _FrozenHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_size)
+    return torch.cat(
+        [
+            torch.utils.checkpoint.checkpoint(_chunk_logps, head, h, t, use_reentrant=False)
+            for h, t in _chunks(hidden, targets, chunk_size)
+        ]
+    )
+
+
+def _chunks(hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+    if hidden.shape[0] == 0:  # nothing scored: one empty chunk keeps torch.cat and the graph well-formed
+        yield hidden, targets
+    for start in range(0, hidden.shape[0], chunk_size):
+        yield hidden[start : start + chunk_size], targets[start : start + chunk_size]
+
+
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of each row, from float32 logits as the full-logits path computes them."""
+    logits = head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class _FrozenHeadLogps(torch.autograd.Function):
+    """`_chunk_logps` over chunks for a frozen linear head: the gradient w.r.t. the hidden states is
+    taken per chunk in the forward (the head's weights need none), so no chunk's logits are kept."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        logps, directions = [], []
+        for h, t in _chunks(hidden, targets, chunk_size):
+            logits = F.linear(h, weight, bias).float()
+            normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+            logps.append(logits.gather(-1, t[:, None]).squeeze(-1) - normaliser.squeeze(-1))
+            # d log p(t) / d logits = onehot(t) - softmax, then through the head: W^T (onehot - softmax),
+            # cast to the head's dtype before the matmul as the full-logits backward casts its gradient
+            minus_softmax = (
+                logits.sub_(normaliser).exp_().neg_().scatter_add_(-1, t[:, None], torch.ones_like(logits[:, :1]))
+            )
+            directions.append(minus_softmax.to(weight.dtype) @ weight)
+        ctx.save_for_backward(torch.cat(directions))
+        return torch.cat(logps)
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        (directions,) = ctx.saved_tensors
+        return (grad_logps[:, None] * directions.float()).to(directions.dtype), None, None, None, None
+
+
+def _is_frozen_linear(head: torch.nn.Module) -> bool:
+    """A plain nn.Linear (not an adapter or quantised wrapper) whose weight and bias need no gradient."""
+    return (
+        type(head) is torch.nn.Linear
+        and not head.weight.requires_grad
+        and (head.bias is None or not head.bias.requires_grad)
+    )
+
+
+# Config fields of models whose logits are lm_head(hidden) rescaled or capped (Gemma 2/3, Cohere,
+# Granite, Falcon-H1): lm_head(decoder output) alone would not be their logits.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(the decoder stack, the lm_head) of a causal LM (under a peft wrapper too: its adapters live
+    in the modules), or None where logits are not lm_head(decoder output) or the head is partitioned
+    by DeepSpeed ZeRO-3."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    if config is None or any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    if not (hasattr(inner, "get_decoder") and hasattr(inner, "get_output_embeddings")):
+        return None
+    decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    if decoder is inner or head is None:
+        return None
+    if hasattr(head.weight, "ds_id"):
+        # DeepSpeed ZeRO-3: every rank must call the same modules in the same order, and the number of
+        # chunks follows each rank's own batch; the full logits keep one head call per forward
+        return None
+    return decoder, head
+
+
+def _full_logits_logps(model, batch: dict, inputs: dict, average: bool, num_responses: int | None) -> torch.Tensor:
+    """`response_logps` from the full logits of the scored span (`chunk_size=None`, or models whose
+    logits are not lm_head(decoder output))."""
     if "targets" not in batch:
         rows = slice(0, None if num_responses is None else num_responses * batch["num_examples"])
         return sequence_logps(*response_logits(model, batch, rows=rows), average=average)
     targets = batch["targets"][:num_responses]
     first = _first_scored_position((targets != IGNORE_INDEX).any(0))
     keep = targets.shape[-1] - first  # positions from the earliest last-prompt-token on predict response tokens
-    mask = shared_prompt_mask(batch["segments"], model)
-    logits = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, logits_to_keep=keep
-    ).logits
+    logits = model(**inputs, logits_to_keep=keep).logits
     return shared_prompt_logps(logits, targets[..., first:], average=average)
 
 

@@ -15,17 +15,32 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
 from lowrank_spin import models
 from lowrank_spin.embedded import task
-from lowrank_spin.evaluation import evaluate, heldout_rewards
+from lowrank_spin.evaluation import best_iteration, evaluate, heldout_rewards
 from lowrank_spin.faults import safe_point
 from lowrank_spin.files import RunDir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 BEFORE = RunDir.BEFORE
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """A checkpoint every `every_n_train_steps` optimizer steps inside an iteration, so a killed run
+    resumes from its last such step, with the same batches still to come, instead of from the
+    iteration's start (the CLI's `step_checkpoint` group).
+
+    Never at an epoch's last batch: the iteration boundary (adapter, opponent snapshot) has not
+    happened there yet, and the boundary's own checkpoint (the CLI's `checkpoint`) follows it.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
 
 
 class IterationBoundaries(L.Callback):
@@ -38,11 +53,14 @@ class IterationBoundaries(L.Callback):
     def on_train_start(self, trainer: L.Trainer, module) -> None:
         if BEFORE not in RunDir(trainer.default_root_dir).read_results():
             self._evaluate(trainer, module, BEFORE)
+        self._epoch_start = time.perf_counter()  # (a run resumed mid-epoch gets no on_train_epoch_start)
 
     def on_train_epoch_start(self, trainer: L.Trainer, module) -> None:
         self._epoch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        # before the checkpoint callbacks (Lightning runs them last), so a step checkpoint holds this batch
+        trainer.datamodule.batch_trained()
         safe_point("train_step")
 
     def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
@@ -72,7 +90,39 @@ class IterationBoundaries(L.Callback):
         module.opponent.snapshot()
         if evaluate_now:
             self._evaluate(trainer, module, iteration, rewards)
+            self._track_best(trainer, iteration)
         self._log_samples(trainer, iteration)
+
+    def _track_best(self, trainer: L.Trainer, iteration: int) -> None:
+        """Keep `best/` on the best iteration so far by the validation metric, and stop iterating once it
+        is `patience` iterations old (SPIN's later iterations can get worse: never ship one by accident)."""
+        datamodule = trainer.datamodule
+        if datamodule.eval_split != "validation":  # choosing on the test split would tune on it
+            return
+        run_dir, settings = RunDir(trainer.default_root_dir), datamodule.evaluation
+        metric = settings.selection_metric(datamodule.has_checker)
+        results = run_dir.read_results()
+        best = best_iteration(results, metric)
+        if best is None:
+            return
+        record = {"iteration": best, "metric": metric, "value": results[best][metric], "split": "validation"}
+        if trainer.is_global_zero and run_dir.read_best() != record:
+            run_dir.write_best(best, record)
+        for logger in trainer.loggers:
+            logger.log_metrics({"eval/best_iteration": best}, step=trainer.global_step)
+        last = trainer.lightning_module.hparams.num_iterations - 1
+        if settings.patience is not None and iteration - best >= settings.patience and iteration < last:
+            reason = (
+                f"validation {metric} has not improved for {iteration - best} iteration(s) "
+                f"(data.evaluation.patience={settings.patience}): stopping after iteration {iteration}; "
+                f"the best is {'the initial model' if best == BEFORE else f'iteration {best}'}, in best/"
+            )
+            log.warning(reason)
+            if trainer.is_global_zero:
+                write_text_atomic(
+                    run_dir.early_stop, json.dumps({"iteration": iteration, "best": best, "reason": reason})
+                )
+            trainer.should_stop = True
 
     def _heldout_rewards(self, trainer: L.Trainer, module, iteration: int) -> dict:
         """SPIN's rewards on held-out (real, generated) pairs, policy vs the opponent of this iteration.
@@ -166,13 +216,21 @@ class IterationBoundaries(L.Callback):
 
 
 def format_results(results: dict[int, dict], run_dir: str, logger=None) -> str:
-    """The before/after table the main command ends with, and where the run's files are."""
+    """The before/after table the main command ends with (the best iteration starred), and where the
+    run's files are."""
+    best = RunDir(run_dir).read_best()
     lines = ["", f"{'':<10}{'accuracy':>10}{'nll/token':>11}{'gen length':>12}"]
     for iteration in sorted(results):
         row = results[iteration]
         name = "before" if iteration == BEFORE else f"iter {iteration}"
+        name += " *" if best and best["iteration"] == iteration else ""
         accuracy = f"{row['accuracy']:.3f}" if row.get("accuracy") is not None else "n/a"
         lines.append(f"{name:<10}{accuracy:>10}{row['nll']:>11.3f}{row['generated_tokens']:>12.1f}")
+    if best:
+        which = "the initial model" if best["iteration"] == BEFORE else f"iteration {best['iteration']}"
+        lines.append(f"* best by validation {best['metric']}: {which} (its adapter in best/)")
+    if (stop := RunDir(run_dir).early_stop).exists():
+        lines.append(json.loads(stop.read_text())["reason"])
     lines.append(f"run directory: {os.path.abspath(run_dir)} (results.json, iter_*/ adapters and synthetic data)")
     if isinstance(logger, WandbLogger):
         run = Path(logger.experiment.dir).parent

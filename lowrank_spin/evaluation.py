@@ -91,6 +91,17 @@ def heldout_rewards(
     }
 
 
+def best_iteration(results: dict[int, dict], metric: str) -> int | None:
+    """The evaluated iteration with the best `metric` (`accuracy`: highest, ties to the lower nll;
+    `nll`: lowest), ties to the earlier iteration; None when no row has the metric."""
+    rows = {t: row for t, row in results.items() if row.get(metric) is not None}
+    if not rows:
+        return None
+    if metric == "accuracy":
+        return min(rows, key=lambda t: (-rows[t]["accuracy"], rows[t].get("nll", math.inf), t))
+    return min(rows, key=lambda t: (rows[t][metric], t))
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """(low, high): the 95% Wilson score interval of a binomial proportion (sane at 0 and n, unlike the normal one)."""
     if n == 0:

@@ -21,6 +21,12 @@ _counts: dict[str, int] = {}
 _stop_requested = False
 
 
+class RunStopped(RuntimeError):
+    """The run stopped on purpose, for a reason the user can act on (bad numbers, a failed write):
+    the CLI prints the message, without a traceback, and exits with status 1. What was saved before
+    is left as it was."""
+
+
 def install_sigterm_handler() -> None:
     """Note SIGTERM instead of dying mid-write (main thread only; Lightning chains its own handler after it)."""
     if threading.current_thread() is threading.main_thread():

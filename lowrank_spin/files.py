@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename; returns None."""
+    """Write `text` to `path` through a temporary file and a rename; returns None.
+
+    A failed write (full disk, read-only folder) raises OSError with `path` as its filename, removes
+    the temporary file and leaves any earlier `path` as it was."""
     # a temporary name of its own, so concurrent writers (e.g. DDP ranks) never rename each other's file
     with tempfile.NamedTemporaryFile(
         "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     ) as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as error:
+            os.unlink(f.name)
+            raise OSError(error.errno, error.strerror, str(path)) from error
     os.replace(f.name, path)
 
 
@@ -26,9 +34,25 @@ def write_jsonl_atomic(rows: list[dict], path: Path) -> None:
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+class BrokenFile(ValueError):
+    """A file the run wrote earlier does not read back (torn by a full disk, say): names it and the line."""
+
+    def __init__(self, path: Path, line: int, reason: str):
+        super().__init__(f"{path}: line {line}: {reason}")
+        self.path, self.line, self.reason = Path(path), line, reason
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a jsonl file (blank lines skipped)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of a jsonl file (blank lines skipped); raises BrokenFile at the first line that is not JSON."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise BrokenFile(path, number, error.msg) from error
+    return rows
 
 
 class RunDir:
@@ -59,6 +83,37 @@ class RunDir:
     def eval_samples(self, iteration: int) -> Path:
         """The greedy evaluation answers of the model after `iteration` (or before, RunDir.BEFORE)."""
         return self.iteration(iteration) / "eval_samples.json"
+
+    @property
+    def best(self) -> Path:
+        """A copy of the best iteration's adapter (by the validation metric), with `best.json` naming it."""
+        return self.root / "best"
+
+    @property
+    def early_stop(self) -> Path:
+        """Written when the run stopped iterating early (`data.evaluation.patience`): why, and where."""
+        return self.root / "early_stop.json"
+
+    def read_best(self) -> dict | None:
+        """The best iteration's record (`iteration`, `metric`, `value`), or None before there is one."""
+        path = self.best / "best.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_best(self, iteration: int, record: dict) -> None:
+        """Make `best/` a copy of `iteration`'s adapter files plus `best.json` = `record`; the old `best/`
+        is replaced only once the new one is complete. Returns None."""
+        staging = self.root / ".best.new"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for source in self.iteration(iteration).glob("adapter_*"):
+            shutil.copy2(source, staging / source.name)
+        write_text_atomic(staging / "best.json", json.dumps(record, indent=1))
+        old = self.root / ".best.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.best.exists():
+            os.replace(self.best, old)
+        os.replace(staging, self.best)
+        shutil.rmtree(old, ignore_errors=True)
 
     @property
     def results(self) -> Path:

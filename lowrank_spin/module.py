@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from functools import cached_property
 
@@ -14,9 +15,10 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lowrank_spin import losses, models
+from lowrank_spin import losses, memory, models
 from lowrank_spin.batching import response_logits, response_logps
 from lowrank_spin.callbacks import IterationBoundaries
+from lowrank_spin.faults import RunStopped
 from lowrank_spin.opponent import Opponent
 from lowrank_spin.settings import (
     AUTO,
@@ -141,6 +143,7 @@ class SelfPlayLoRA(L.LightningModule):
         device_type = strategy.root_device.type if strategy is not None else "cpu"
         field = "compute_dtype" if hp.load_in_4bit else "dtype"
         dtype, reason = models.choose_dtype(hp[field], device_type)
+        self.compute_dtype = dtype
         if rank_zero_only.rank == 0:
             print(f"model.{field}: {dtype} ({reason})", flush=True)
         base = models.load_base_model(
@@ -196,31 +199,71 @@ class SelfPlayLoRA(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()
+        self._seed = torch.initial_seed()  # the run's seed (seed_everything), read before any step reseeds
+        if self.device.type == "cpu":
+            self._check_cpu_memory()
+
+    def _check_cpu_memory(self) -> None:
+        """State the run's expected peak memory and stop one that would not fit, before generation and
+        training start (`memory`): on a CPU, running out is a SIGKILL from the kernel, hours in, with no
+        message. Set LOWRANK_SPIN_SKIP_MEMORY_CHECK=1 to run anyway."""
+        data = self.trainer.datamodule
+        train = data.examples["train"]
+        longest_real = max(len(e["real_ids"]) for e in train)
+        estimate = memory.estimate_peak(
+            self.model.get_base_model().config,
+            load_in_4bit=self.hparams.load_in_4bit,
+            dtype=self.compute_dtype,
+            lora=self.lora,
+            sampling=data.sampling,
+            train_batch_size=data.hparams.batch_size,
+            responses_per_example=len(self.objective.responses),
+            prompt_length=max(len(e["prompt_ids"]) for e in train),
+            response_length=max(longest_real, data.sampling.max_new_tokens),
+            gradient_checkpointing=self.hparams.gradient_checkpointing,
+        )
+        processes = self.trainer.num_devices  # CPU processes share this machine's memory
+        if rank_zero_only.rank == 0:
+            print(f"memory: expected peak {estimate.describe()}", flush=True)
+        errors = memory.peak_memory_errors(estimate, memory.available_bytes(), processes)
+        if errors and os.environ.get("LOWRANK_SPIN_SKIP_MEMORY_CHECK") != "1":
+            raise RunStopped(errors[0])
 
     def elapsed_seconds(self) -> float:
         """Wall-clock seconds since this process started fitting (a resumed run restarts the clock)."""
         return time.perf_counter() - self._fit_start
 
+    def on_train_start(self) -> None:
+        # also after a resume mid-epoch, where Lightning skips on_train_epoch_start
+        models.use_policy(self.model)
+
     def on_train_epoch_start(self) -> None:
-        # Each iteration trains like a run of its own: a fresh optimizer state and its own schedule.
-        # Both follow from (epoch, global step) alone, so a resumed epoch gets what it would have had.
+        # Each iteration trains like a run of its own: a fresh optimizer state and its own schedule
+        # (`learning_rate`). Not called when a run resumes mid-epoch: the restored state is kept.
         epoch_in_iteration = self.trainer.current_epoch % self.hparams.epochs_per_iteration
-        steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-        self._steps_per_iteration = steps_per_epoch * self.hparams.epochs_per_iteration
-        self._iteration_start_step = self.trainer.global_step - epoch_in_iteration * steps_per_epoch
         if epoch_in_iteration == 0 and self.optimizer_settings.reset_each_iteration:
             _clear_optimizer_state(self.optimizers().optimizer)
         models.use_policy(self.model)
         self._real_drift = []
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+        # The step's randomness (LoRA dropout) follows from (seed, step), so a resumed step draws
+        # what it would have drawn in an uninterrupted run.
+        torch.manual_seed(self._seed * 1_000_003 + self.trainer.global_step)
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = self.learning_rate()
 
     def learning_rate(self) -> float:
-        """The learning rate of the next optimizer step: the iteration's peak times the schedule's factor."""
-        step = self.trainer.global_step - self._iteration_start_step
-        factor = self.optimizer_settings.lr_factor(step, self._steps_per_iteration)
+        """The learning rate of the next optimizer step: the iteration's peak times the schedule's factor.
+
+        The step's place in its iteration follows from (epoch, batch index) alone, so a run resumed
+        mid-epoch gets the rate it would have had."""
+        trainer, accumulate = self.trainer, self.trainer.accumulate_grad_batches
+        steps_per_epoch = math.ceil(trainer.num_training_batches / accumulate)
+        epoch_in_iteration = trainer.current_epoch % self.hparams.epochs_per_iteration
+        step = epoch_in_iteration * steps_per_epoch + getattr(self, "_batch_idx", 0) // accumulate
+        factor = self.optimizer_settings.lr_factor(step, steps_per_epoch * self.hparams.epochs_per_iteration)
         return self.learning_rate_at(self.iteration) * factor
 
     def on_train_epoch_end(self) -> None:
@@ -239,6 +282,7 @@ class SelfPlayLoRA(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self._compute_loss(batch)
+        self._nonfinite_loss = not bool(torch.isfinite(loss.detach()))
         batch_size = batch["num_examples"]
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
@@ -285,6 +329,33 @@ class SelfPlayLoRA(L.LightningModule):
             loss = loss + objective.nll_weight * nll
             metrics["train/nll_real"] = nll.detach()
         return loss, metrics
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip a step whose loss or gradient is not finite: its gradients are dropped, so the optimizer
+        moves no weight and no moment. Counted; `max_nonfinite_steps` in a row stop the run."""
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        bad = getattr(self, "_nonfinite_loss", False) or not all(bool(torch.isfinite(g).all()) for g in grads)
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):  # any rank: all skip together
+            self._nonfinite_in_a_row = 0
+            return
+        for param in self.model.parameters():
+            param.grad = None
+        self._skipped_steps = getattr(self, "_skipped_steps", 0) + 1
+        self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0) + 1
+        self.log("train/skipped_steps", float(self._skipped_steps), on_step=True, on_epoch=False)
+        where = f"iteration {self.iteration}, step {self.trainer.global_step}"
+        log.warning("%s: the loss or a gradient is nan/inf; the step is skipped (no weight changed)", where)
+        limit = (
+            1 if isinstance(self.trainer.strategy, DeepSpeedStrategy) else self.optimizer_settings.max_nonfinite_steps
+        )
+        if self._nonfinite_in_a_row >= limit:
+            raise RunStopped(
+                f"{where}: {self._nonfinite_in_a_row} optimizer step(s) in a row had a nan/inf loss or gradient "
+                f"(model.optimizer.max_nonfinite_steps={limit}); {self._skipped_steps} skipped in this process. "
+                "Stopped before the weights moved: every adapter, synthetic file and checkpoint saved so far is "
+                "as it was. Likely levers: a lower model.optimizer.learning_rate, a lower model.objective.beta, "
+                "or model.dtype / model.compute_dtype float32 instead of bf16 or float16."
+            )
 
     # ---- checkpoints: adapters only ---------------------------------------------------------------
 

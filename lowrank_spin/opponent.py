@@ -9,14 +9,17 @@ LoRA adapter (or with adapters off while Δθ0 = 0), never a second copy of the 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from lowrank_spin import batching, models
-from lowrank_spin.generation import Generated, generate_responses
+from lowrank_spin.generation import OUT_OF_MEMORY, Generated, generate_responses
 from lowrank_spin.settings import ObjectiveSettings, SamplingSettings
+
+log = logging.getLogger(__name__)
 
 
 class Opponent:
@@ -116,7 +119,8 @@ class Opponent:
 
     def score(self, examples: list[dict], responses: tuple[str, ...], batch_size: int) -> None:
         """Opponent log-probs of the `responses` of `examples`, in place (`opponent_<name>_logps`);
-        nothing when they are computed on the fly instead. Returns None."""
+        nothing when they are computed on the fly instead. On CUDA out of memory the batch is halved
+        for the rest of the pass, with a warning. Returns None."""
         if not self.precompute_logps:
             return
         # scoring order is free: similar lengths together waste the least padding
@@ -124,11 +128,29 @@ class Opponent:
             examples, key=lambda e: len(e["prompt_ids"]) + sum(len(e[f"{name}_ids"]) for name in responses)
         )
         collate = self.collator(responses)
-        for chunk, batch in batching.batches(by_length, collate, batch_size, self.device):
-            logps = self.logps(batch, num_responses=len(responses)).view(len(responses), len(chunk))
+        start = 0
+        while start < len(by_length):
+            chunk = by_length[start : start + batch_size]
+            try:
+                (_, batch), *_ = batching.batches(chunk, collate, len(chunk), self.device)
+                logps = self.logps(batch, num_responses=len(responses)).view(len(responses), len(chunk))
+            except OUT_OF_MEMORY:
+                if batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)  # for the rest of this scoring pass
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.warning(
+                    "CUDA out of memory while scoring with the opponent: retrying %d examples at a time; "
+                    "set data.batch_size to %d (or lower) next time",
+                    batch_size,
+                    batch_size,
+                )
+                continue
             for name, values in zip(responses, logps.tolist()):
                 for example, value in zip(chunk, values):
                     example[f"opponent_{name}_logps"] = value
+            start += len(chunk)
 
     # ---- for the module and the boundary callback ----------------------------------------------------
 

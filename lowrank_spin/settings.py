@@ -23,6 +23,8 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit", "paged_adamw_32bit")  # paged: bitsandbytes, CUDA only
 SCHEDULES = ("linear", "constant")
 EVAL_SPLITS = ("validation", "test")
+SELECTION_METRICS = ("auto", "accuracy", "nll")
+GENERATION_ENGINES = ("static", "hf", "vllm")  # `generation.make_engine`
 
 
 class ConfigError(ValueError):
@@ -134,6 +136,9 @@ class OptimizerSettings:
         warmup_ratio: the share of each iteration's optimizer steps spent warming up (SPIN: 0.1).
         reset_each_iteration: start every iteration with a fresh optimizer state (Adam's moments and
             step count), as the recipe's one run per iteration does; false carries it across iterations.
+        max_nonfinite_steps: a step whose loss or gradient is nan/inf is skipped (no weight moves) and
+            counted (`train/skipped_steps`); this many in a row stop the run with a message. Under
+            DeepSpeed, which keeps the gradients itself, the first such step stops it.
     """
 
     name: str = "adamw"
@@ -142,6 +147,7 @@ class OptimizerSettings:
     schedule: str = "linear"
     warmup_ratio: float = 0.1
     reset_each_iteration: bool = True
+    max_nonfinite_steps: int = 5
 
     def lr_factor(self, step: int, total: int) -> float:
         """The multiplier of the peak learning rate for the optimizer step `step` (0-based) of an
@@ -163,6 +169,8 @@ class OptimizerSettings:
             errors.append(f"{prefix}.schedule: must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"{prefix}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_nonfinite_steps < 1:
+            errors.append(f"{prefix}.max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}")
         if self.name not in OPTIMIZERS:
             errors.append(f"{prefix}.name: must be one of {OPTIMIZERS}, got {self.name!r}")
         elif self.name.startswith("paged"):
@@ -179,7 +187,20 @@ class SamplingSettings:
             (0 = all; 50 is what transformers' generate() applied by default) within the nucleus top_p;
             temperature 0 = greedy.
         max_new_tokens: the longest response generated.
-        batch_size: prompts per generation batch (also for evaluation's greedy answers).
+        batch_size: prompts generated at once (also for evaluation's greedy answers); on CUDA out of
+            memory it is halved for the rest of the run, with a warning.
+        engine: how (`generation.make_engine`): `static`, our decode loop over a pre-allocated KV cache
+            that refills a finished row with a waiting prompt (default: ~2x HF `generate` on CPU,
+            benchmarks/bench_generation.py); `hf`, transformers' `generate` (the fallback wherever
+            `static` does not apply: ZeRO-3, sliding-window or non-attention caches, flash_attention_2);
+            `vllm`, the optional vLLM engine (`pip install 'lowrank_spin[vllm]'`, CUDA) serving the base
+            with the opponent's LoRA adapter.
+        prompts_per_flush: prompts generated and written to the progress file together, and seeded
+            together: a killed run loses at most this many (default `batch_size`). The `static` engine
+            refills rows only within it, so a few batches' worth (e.g. 4 x batch_size) keep its rows full.
+        compile: `torch.compile` the `static` engine's decode step (compiled once per process; pays
+            for itself only over long generations, see benchmarks/bench_generation.py).
+        vllm_gpu_memory_utilization: the share of GPU memory vLLM may take (the trained model shares the GPU).
     """
 
     temperature: float = 1.0
@@ -187,6 +208,10 @@ class SamplingSettings:
     top_p: float = 1.0
     max_new_tokens: int = 128
     batch_size: int = 16
+    engine: str = "static"
+    prompts_per_flush: int | None = None
+    compile: bool = False
+    vllm_gpu_memory_utilization: float = 0.3
 
     def errors(self, prefix: str = "data.sampling") -> list[str]:
         """Error strings for the bad fields (empty when all are fine)."""
@@ -201,6 +226,16 @@ class SamplingSettings:
             errors.append(f"{prefix}.top_k: must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             errors.append(f"{prefix}.top_p: must be in (0, 1], got {self.top_p}")
+        if self.prompts_per_flush is not None and self.prompts_per_flush < 1:
+            errors.append(f"{prefix}.prompts_per_flush: must be >= 1, got {self.prompts_per_flush}")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            errors.append(
+                f"{prefix}.vllm_gpu_memory_utilization: must be in (0, 1), got {self.vllm_gpu_memory_utilization}"
+            )
+        if self.engine not in GENERATION_ENGINES:
+            errors.append(f"{prefix}.engine: must be one of {GENERATION_ENGINES}, got {self.engine!r}")
+        elif self.engine == "vllm":
+            errors += _vllm_errors(prefix)
         return errors
 
 
@@ -217,6 +252,11 @@ class EvaluationSettings:
         max_new_tokens: the longest greedy answer (default: `data.sampling.max_new_tokens`).
         max_examples: evaluate the first N examples of the split (None = all; ultrachat's test split
             holds 23k prompts, each a greedy generation per iteration).
+        select_by: the metric that picks the best iteration (`best/`): `accuracy` (higher is better;
+            ties go to the lower nll), `nll` (lower is better), or `auto`: accuracy where answers can be
+            checked (the embedded task), else nll. Chosen on the validation split only.
+        patience: stop iterating once the best iteration is this many iterations old (None: run
+            every iteration). Needs `every_iteration` and the validation split.
     """
 
     split: str = "validation"
@@ -224,6 +264,14 @@ class EvaluationSettings:
     heldout_reward_pairs: int = 24
     max_new_tokens: int | None = None
     max_examples: int | None = None
+    select_by: str = AUTO
+    patience: int | None = None
+
+    def selection_metric(self, answers_checked: bool) -> str:
+        """The metric `select_by` means for a task whose answers are (or are not) checked."""
+        if self.select_by == AUTO:
+            return "accuracy" if answers_checked else "nll"
+        return self.select_by
 
     def errors(self, prefix: str = "data.evaluation") -> list[str]:
         """Error strings for the bad fields (empty when all are fine)."""
@@ -232,9 +280,18 @@ class EvaluationSettings:
             errors.append(f"{prefix}.split: must be one of {EVAL_SPLITS}, got {self.split!r}")
         if self.heldout_reward_pairs < 0:
             errors.append(f"{prefix}.heldout_reward_pairs: must be >= 0, got {self.heldout_reward_pairs}")
-        for name in ("max_new_tokens", "max_examples"):
+        for name in ("max_new_tokens", "max_examples", "patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 errors.append(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.select_by not in SELECTION_METRICS:
+            errors.append(f"{prefix}.select_by: must be one of {SELECTION_METRICS}, got {self.select_by!r}")
+        if self.patience is not None and self.split != "validation":
+            errors.append(
+                f"{prefix}.patience: early stopping decides on the evaluation split, here {self.split!r}: "
+                "that would tune on the test split; set data.evaluation.split: validation"
+            )
+        if self.patience is not None and not self.every_iteration:
+            errors.append(f"{prefix}.patience: needs data.evaluation.every_iteration: true")
         return errors
 
 
@@ -347,6 +404,16 @@ def _paged_optimizer_errors(name: str, prefix: str) -> list[str]:
         return [
             f"{prefix}.name: {name} pages optimizer state between GPU and CPU memory and needs a CUDA GPU; use adamw"
         ]
+    return []
+
+
+def _vllm_errors(prefix: str) -> list[str]:
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return [f"{prefix}.engine: vllm needs the vllm package (pip install 'lowrank_spin[vllm]'); use static or hf"]
+    if not torch.cuda.is_available():
+        return [f"{prefix}.engine: vllm needs a CUDA GPU; use static or hf on this machine"]
     return []
 
 

@@ -22,7 +22,7 @@ PACKAGE = Path(lowrank_spin.__file__).parent
 LAYERS = [
     {"settings", "files", "faults"},
     {"embedded"},
-    {"batching", "templates"},
+    {"batching", "templates", "memory"},
     {"losses", "models"},
     {"generation"},
     {"opponent"},

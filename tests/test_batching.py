@@ -190,3 +190,79 @@ def test_shared_prompt_logps_of_empty_response_is_zero():
     targets[0, :, 1] = 0
     logps = shared_prompt_logps(torch.randn(3, 4, 5), targets, average=True)
     assert logps.shape == (6,) and torch.equal(logps[3:], torch.zeros(3))
+
+
+def _three_response_examples(tokenizer) -> list[dict]:
+    from lowrank_spin.data.chat import render_prompt, response_ids
+
+    texts = [
+        ("Hi?", "Hello.", "Hey there, friend.", ""),
+        ("A much longer prompt than the first?", "Yes.", "No!", "Maybe so."),
+    ]
+    return [
+        {
+            "prompt_ids": render_prompt(tokenizer, p),
+            "real_ids": response_ids(tokenizer, r, True),
+            "generated_ids": response_ids(tokenizer, g, False),
+            "proto_ids": tokenizer(y, add_special_tokens=False)["input_ids"],
+        }
+        for p, r, g, y in texts
+    ]
+
+
+def _logps_and_grads(model, batch, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    logps = batching.response_logps(model, batch, **kwargs)
+    (logps * torch.arange(1.0, logps.shape[0] + 1)).sum().backward()  # a different weight per response
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("layout", [Collator, SharedPromptCollator])
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_chunked_logps_equal_the_full_logits_ones(tiny_model_dir, tokenizer, layout, trainable_head):
+    """The lm_head in chunks of 3 scored positions vs the full logits: equal log-probs and gradients
+    (float32), with a frozen head (LoRA: the gradient taken in the forward) and a trainable one
+    (every parameter trained: chunks under checkpointing, the tied embedding's gradient included)."""
+    base = models.load_base_model(tiny_model_dir, dtype="float32")
+    if trainable_head:
+        model = base.requires_grad_(True)
+        assert model.get_output_embeddings().weight.requires_grad
+    else:
+        model = models.attach_lora(base, LoRASettings(rank=4))
+        randomize_lora(model)
+    model.eval()  # the same forward twice (no dropout); gradients still flow
+    batch = layout(tokenizer.pad_token_id, ("real", "generated", "proto"))(_three_response_examples(tokenizer))
+    for kwargs in ({}, {"average": True}, {"num_responses": 2}):
+        full, full_grads = _logps_and_grads(model, batch, chunk_size=None, **kwargs)
+        chunked, chunked_grads = _logps_and_grads(model, batch, chunk_size=3, **kwargs)
+        torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+        assert chunked_grads.keys() == full_grads.keys() and full_grads
+        for name, full_grad in full_grads.items():  # float32 summation order: 1e-5 of the gradient's scale
+            torch.testing.assert_close(chunked_grads[name], full_grad, rtol=1e-5, atol=1e-5 * full_grad.abs().max())
+        with torch.no_grad():  # scoring: the chunks without a graph
+            unscored = batching.response_logps(model, batch, chunk_size=3, **kwargs)
+        torch.testing.assert_close(unscored, full, rtol=1e-5, atol=1e-5)
+    if trainable_head:
+        assert "model.embed_tokens.weight" in full_grads, "the tied lm_head/embedding gets its gradient"
+
+
+@pytest.mark.parametrize("layout", [Collator, SharedPromptCollator])
+def test_chunked_logps_keep_no_vocabulary_sized_activations(tiny_model_dir, tokenizer, layout):
+    """What the backward keeps: with LoRA's frozen head no [positions, vocab] logits at all (the full
+    logits path saves [batch, seq, vocab] ones); at most `chunk_size` positions in the forward."""
+    model = models.attach_lora(models.load_base_model(tiny_model_dir, dtype="float32"), LoRASettings(rank=4))
+    randomize_lora(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch = layout(tokenizer.pad_token_id, ("real", "generated"))(_three_response_examples(tokenizer))
+    scored_positions = int((batch["labels" if layout is Collator else "targets"] != IGNORE_INDEX).sum())
+    assert scored_positions > 3
+
+    def vocabulary_sized_saved(**kwargs) -> int:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            logps = batching.response_logps(model, batch, **kwargs)
+        logps.sum().backward()
+        return max((s.numel() for s in saved if len(s) and s[-1] == vocab), default=0)
+
+    assert vocabulary_sized_saved(chunk_size=None) >= scored_positions * vocab
+    assert vocabulary_sized_saved(chunk_size=3) == 0

@@ -1,4 +1,6 @@
-"""`lowrank-spin compare` on the tiny config: every arm runs, and the table and plots come out."""
+"""`lowrank-spin compare`, the papers' protocol, on the tiny config: stage 1 (SFT until validation NLL
+stops improving) before stage 2, every arm from the stage-1 adapter, equal training steps, one run per
+seed and a report over seeds; bad arguments stop it before any fit."""
 
 from __future__ import annotations
 
@@ -7,79 +9,210 @@ import json
 import os
 
 import pytest
+import yaml
 from conftest import TINY
 
-from lowrank_spin.cli import main
+from lowrank_spin import compare
+from lowrank_spin.cli import build_cli
+from lowrank_spin.settings import ConfigError
 
 
-@pytest.mark.slow
-def test_compare_arms_and_data_fractions(tmp_path, cache_dir, capsys):
-    main(
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory, cache_dir):
+    """The protocol on the tiny config, two seeds: continued SFT on all the data and T-SPIN on half of
+    it (one iteration, equal steps), after a stage 1 of up to 2 SFT iterations. Records every fit."""
+    output = tmp_path_factory.mktemp("compare")
+    calls = []
+
+    def recording_fit(args):
+        root = args[args.index("--trainer.default_root_dir") + 1]
+        calls.append((os.path.relpath(root, output), list(args), os.environ.get("WANDB_NAME")))
+        return build_cli(args)
+
+    compare.main(
         [
-            "compare",
             "--config",
             TINY,
             "--output",
-            str(tmp_path),
+            str(output),
+            "--seeds",
+            "0",
+            "1",
+            "--arms",
+            "sft",
+            "--fraction_arms",
+            "tspin",
             "--data_fractions",
             "0.5",
-            "1.0",
+            "--sft_iterations",
+            "2",
             "--model.num_iterations",
             "1",
+            "--data.num_val",
+            "6",
+            "--data.num_test",
+            "6",
+            "--data.sampling.max_new_tokens",
+            "8",
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        fit=recording_fit,
+    )
+    return output, calls
+
+
+@pytest.mark.slow
+def test_stages_run_in_order_per_seed(protocol_run):
+    output, calls = protocol_run
+    expected = []
+    for seed in (0, 1):
+        expected += [
+            f"seed_{seed}/{run}"
+            for run in ("stage1_sft", "sft_100pct", "tspin_50pct", "test/start", "test/sft_100pct", "test/tspin_50pct")
         ]
-    )
-    for arm in ("sft", "spin", "tspin"):
-        for pct in (50, 100):
-            assert (tmp_path / f"{arm}_{pct}pct" / "iter_0" / "adapter_model.safetensors").exists()
-    assert len((tmp_path / "spin_50pct" / "data" / "train.jsonl").read_text().splitlines()) == 8
-    with open(tmp_path / "comparison.csv") as f:
+    assert [root for root, _, _ in calls] == expected
+    assert [name for *_, name in calls][:3] == ["seed0_stage1_sft", "seed0_sft_100pct", "seed0_tspin_50pct"]
+    for seed in (0, 1):  # separate runs per seed, each seeded with it
+        seeds = {
+            a
+            for root, args, _ in calls
+            if root.startswith(f"seed_{seed}/")
+            for a in args
+            if a.startswith("--") and "seed" in a
+        }
+        assert seeds == {f"--seed_everything={seed}", f"--data.seed={seed}"}
+
+
+@pytest.mark.slow
+def test_arms_start_from_the_stage1_adapter(protocol_run):
+    """Each stage-2 run's saved config names the adapter stage 1 chose, and its first evaluation is that
+    adapter's: the same validation NLL as stage 1 measured at the chosen iteration."""
+    output, _ = protocol_run
+    for seed in (0, 1):
+        seed_dir = output / f"seed_{seed}"
+        choice = json.loads((seed_dir / "stage1.json").read_text())
+        stage1 = {r["iteration"]: r for r in json.loads((seed_dir / "stage1_sft" / "results.json").read_text())}
+        assert choice["iteration"] == min((i for i in stage1 if i >= 0), key=lambda i: stage1[i]["nll"])
+        adapter = seed_dir / "stage1_sft" / f"iter_{choice['iteration']}"
+        assert (adapter / "adapter_model.safetensors").exists()
+        for arm in ("sft_100pct", "tspin_50pct", "test/start"):
+            saved = yaml.safe_load((seed_dir / arm / "logs" / "version_0" / "config.yaml").read_text())
+            assert saved["model"]["lora"]["init_adapter"] == str(adapter), arm
+        for arm in ("sft_100pct", "tspin_50pct"):
+            before = json.loads((seed_dir / arm / "results.json").read_text())[0]
+            assert before["iteration"] == -1 and before["split"] == "validation"
+            assert before["nll"] == pytest.approx(stage1[choice["iteration"]]["nll"], rel=1e-5), arm
+        test_start = yaml.safe_load((seed_dir / "test" / "start" / "logs" / "version_0" / "config.yaml").read_text())
+        assert test_start["data"]["evaluation"]["split"] == "test"
+        assert not list((seed_dir / "test" / "start").glob("iter_*")), "the test evaluation trains nothing"
+
+
+@pytest.mark.slow
+def test_equal_training_steps_across_arms(protocol_run):
+    """Counted from the runs' step logs: T-SPIN on half the rows trains two epochs, as many steps as SFT."""
+    output, _ = protocol_run
+    for seed in (0, 1):
+        steps = {}
+        for arm in ("sft_100pct", "tspin_50pct"):
+            with open(output / f"seed_{seed}" / arm / "logs" / "version_0" / "metrics.csv") as f:
+                steps[arm] = sum(1 for row in csv.DictReader(f) if row.get("train/loss_step"))
+        assert steps["sft_100pct"] == steps["tspin_50pct"] == 4, steps  # 16 rows / batch 4; 8 rows x 2 epochs
+    report = compare.load_report(output)
+    assert {s["arm"]: s["train_steps_per_seed"] for s in report["summary"]} == {
+        "start": [None, None],
+        "sft_100pct": [4, 4],
+        "tspin_50pct": [4, 4],
+    }
+
+
+@pytest.mark.slow
+def test_report_aggregates_the_seeds(protocol_run):
+    output, _ = protocol_run
+    report = compare.load_report(output)
+    assert report["protocol"]["final_split"] == "test" and report["protocol"]["seeds"] == [0, 1]
+    tspin = next(s for s in report["summary"] if s["arm"] == "tspin_50pct")
+    per_seed = [
+        json.loads((output / f"seed_{seed}" / "test" / "tspin_50pct" / "results.json").read_text())[0]["accuracy"]
+        for seed in (0, 1)
+    ]
+    assert tspin["seeds"] == [0, 1] and tspin["accuracy_per_seed"] == per_seed
+    assert tspin["accuracy_mean"] == pytest.approx(sum(per_seed) / 2)
+    assert tspin["accuracy_sd"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5)
+    assert len(tspin["vs_sft_per_seed"]) == 2 and "vs_sft_pooled_ci_low" in tspin
+    assert tspin["train_logps_real_mean"] is not None, "diagnostics from the training logs"
+    with open(output / "summary.csv") as f:
+        assert [row["arm"] for row in csv.DictReader(f)] == ["start", "sft_100pct", "tspin_50pct"]
+    with open(output / "comparison.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 2 * 2  # arms x fractions x (before, iter 0)
-    spin = [r for r in rows if r["arm"] == "spin" and r["iteration"] == "0" and r["data_fraction"] == "1.0"][0]
-    assert float(spin["train_seconds"]) > 0 and float(spin["generation_seconds"]) > 0
-    assert spin["reward_margin"] and spin["train_reward_margin"]
-    assert -1 <= float(spin["vs_sft_ci_low"]) <= float(spin["vs_sft"]) <= float(spin["vs_sft_ci_high"]) <= 1, (
-        "paired with SFT"
+    assert {(r["seed"], r["split"]) for r in rows} == {
+        ("0", "validation"),
+        ("1", "validation"),
+        ("0", "test"),
+        ("1", "test"),
+    }
+    table = (output / "comparison.md").read_text()
+    assert "| tspin_50pct | 50% |" in table and "Stage 1" in table
+    for name in ("metrics_vs_iteration.png", "loss_vs_step.png", "accuracy_vs_data_fraction.png"):
+        assert (output / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_rerun_reuses_every_finished_run(protocol_run, capsys):
+    output, calls = protocol_run
+    again = []
+    compare.main(
+        ["--config", TINY, "--output", str(output), "--seeds", "0", "1", "--arms", "sft", "--fraction_arms", "tspin"]
+        + ["--data_fractions", "0.5", "--sft_iterations", "2", "--model.num_iterations", "1"]
+        + ["--data.num_val", "6", "--data.num_test", "6", "--data.sampling.max_new_tokens", "8"],
+        fit=again.append,
     )
-    sft = [r for r in rows if r["arm"] == "sft" and r["iteration"] == "0"][0]
-    assert sft["generation_seconds"] in ("", "0", "0.0")
-    for name in ("metrics_vs_iteration.png", "loss_vs_time.png", "accuracy_vs_data_fraction.png"):
-        assert (tmp_path / name).stat().st_size > 1000
-    assert "| spin | 100% | 0 |" in capsys.readouterr().out
+    assert again == [], "nothing is trained or evaluated twice"
+    assert "already finished: reusing it" in capsys.readouterr().out
 
 
-def test_arms_share_one_w_and_b_group_and_the_before_evaluation(tmp_path, monkeypatch):
-    """Without training: each arm's `fit` sees the comparison's W&B group and its own run name, later
-    arms start with the first arm's evaluation of the common initial model, and fractions below 100%
-    evaluate only at the end."""
-    from lowrank_spin import compare
+def test_stage1_picks_the_best_validation_nll_with_patience():
+    rows = {-1: {"nll": 9.0}, 0: {"nll": 3.0}, 1: {"nll": 2.0}, 2: {"nll": 2.5}, 3: {"nll": 1.0}}
+    assert compare.select_sft_adapter(rows, patience=1) == {
+        "iteration": 1,
+        "nll": [3.0, 2.0, 2.5, 1.0],
+        "stopped_at": 2,
+    }, "stops at the first iteration without improvement, never looks past it"
+    assert compare.select_sft_adapter(rows, patience=2)["iteration"] == 3
+    assert compare.select_sft_adapter(rows, patience=2)["stopped_at"] is None, "still improving"
 
-    seen = []
 
-    def fake_fit(args):
-        run_dir = tmp_path / "out" / args[args.index("--trainer.default_root_dir") + 1].split("/")[-1]
-        seen.append(
-            (os.environ["WANDB_RUN_GROUP"], os.environ["WANDB_NAME"], args, (run_dir / "results.json").exists())
+def test_bad_arguments_fail_together_before_any_fit(tmp_path):
+    calls = []
+    with pytest.raises(ConfigError) as error:
+        compare.main(
+            ["--config", TINY, "--output", str(tmp_path), "--arms", "spin", "dpo", "--data_fractions", "1.5"]
+            + ["--seeds", "0", "0", "--patience", "0", "--model.objective.name", "spin", "--data.num_val", "0"],
+            fit=calls.append,
         )
-        (run_dir / "before").mkdir(parents=True, exist_ok=True)
-        (run_dir / "before" / "eval_samples.json").write_text("[]")
-        if not (run_dir / "results.json").exists():
-            (run_dir / "results.json").write_text(json.dumps([{"iteration": -1, "accuracy": 0.25}]))
+    assert calls == [] and not list(tmp_path.iterdir())
+    message = str(error.value)
+    for field in (
+        "--arms: each must be one of",
+        "--arms: must include sft",
+        "--data_fractions",
+        "--seeds",
+        "--patience",
+        "--model.objective.name",
+        "data.num_val",
+    ):
+        assert field in message, field
+    with pytest.raises(ConfigError, match="--config"):
+        compare.main(["--config", str(tmp_path / "missing.yaml")], fit=calls.append)
 
-    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
-    compare.run_arms(fake_fit, TINY, tmp_path / "out", ["sft", "spin"], [1.0, 0.5], None, [])
-    assert [(group, name) for group, name, _, _ in seen] == [
-        ("out", "sft_100pct"),
-        ("out", "spin_100pct"),
-        ("out", "sft_50pct"),
-        ("out", "spin_50pct"),
-    ]
-    assert [seeded for *_, seeded in seen] == [False, True, True, True], (
-        "only the first arm evaluates the initial model"
-    )
-    assert json.loads((tmp_path / "out" / "spin_50pct" / "results.json").read_text()) == [
-        {"iteration": -1, "accuracy": 0.25}
-    ]
-    every_iteration = ["--data.evaluation.every_iteration" in args for _, _, args, _ in seen]
-    assert every_iteration == [False, False, True, True]
-    assert "WANDB_RUN_GROUP" not in os.environ, "the environment is restored"
+
+def test_a_user_dataset_needs_validation_rows(tmp_path):
+    """Stage 1 selects on validation: a user dataset with no held-out rows is refused up front."""
+    calls = []
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        compare.main(
+            ["--config", TINY, "--output", str(tmp_path), "--data.dataset", "docs/example_chat.jsonl"]
+            + ["--data.val_fraction", "0"],
+            fit=calls.append,
+        )
+    assert calls == []

@@ -1,24 +1,48 @@
-"""Batched, resumable generation and its sampler."""
+"""Batched, resumable generation behind its engines (hf, static, vllm with a fake vLLM), and its sampler."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import logging
+import sys
+import types
 
 import pytest
 import torch
 from conftest import randomize_lora
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file
 
-from lowrank_spin import batching, models
+from lowrank_spin import batching, generation, models
 from lowrank_spin.batching import Collator
 from lowrank_spin.data.chat import render_prompt
 from lowrank_spin.generation import Sampler, generate_responses
 from lowrank_spin.settings import LoRASettings, SamplingSettings
 
+# the static engine with one batch per flush unit, and with 3 batches per unit (finished rows refilled)
+ENGINES = {
+    "hf": dict(engine="hf"),
+    "static": dict(engine="static"),
+    "static+refill": dict(engine="static", prompts_per_flush=12),
+}
 
-def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, tokenizer, tmp_path):
+
+def _eos_likelier(model, tokenizer, amount: float = 1.0) -> None:
+    """EOS made likelier (in generation and scoring alike): rows end at different steps."""
+    boost = torch.zeros(len(tokenizer)).index_fill(0, torch.tensor([tokenizer.eos_token_id]), amount)
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + boost)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, tokenizer, tmp_path, engine):
     model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
     prompts = [render_prompt(tokenizer, f"Question number {i}" + "?" * (i % 3)) for i in range(10)]
-    sampling = SamplingSettings(batch_size=4, max_new_tokens=6, temperature=1.0)
+    # flush units of 4 prompts; the refilling engine holds 2 rows, so a finished row takes a waiting prompt
+    rows = 2 if engine == "static+refill" else 4
+    options = {**ENGINES[engine], "prompts_per_flush": 4}
+    sampling = SamplingSettings(batch_size=rows, max_new_tokens=6, temperature=1.0, **options)
     kwargs = dict(sampling=sampling, seed=3)
     full, stats = generate_responses(model, tokenizer, prompts, **kwargs)
     assert stats["new_tokens"] == sum(g.num_tokens for g in full)
@@ -26,7 +50,7 @@ def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, 
     progress = tmp_path / "progress.jsonl"
     generate_responses(model, tokenizer, prompts, **kwargs, progress_path=progress)
     rows = progress.read_text().splitlines()
-    progress.write_text("\n".join(rows[:4]) + "\n" + rows[4][:10])  # killed while writing the second batch
+    progress.write_text("\n".join(rows[:4]) + "\n" + rows[4][:10])  # killed while writing the second unit
     torch.manual_seed(123)  # a resumed process has another global RNG state: batches are seeded themselves
     resumed, resumed_stats = generate_responses(model, tokenizer, prompts, **kwargs, progress_path=progress)
     assert [g.text for g in resumed] == [g.text for g in full]
@@ -36,8 +60,9 @@ def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, 
     assert sorted(indices) == list(range(10)), "every prompt exactly once"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
-def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, temperature):
+def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, temperature, engine):
     """The log-probs the sampler sums while generating are the model's log-probs of the drawn tokens
     (temperature 1, up to and including EOS): what a scoring forward over prompt + tokens gives, even
     when the model's shipped generation_config asks generate() for a repetition penalty."""
@@ -45,13 +70,12 @@ def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, tem
     randomize_lora(model)
     model.get_base_model().generation_config.repetition_penalty = 3.0
     eos = tokenizer.eos_token_id
-    if temperature > 0:  # EOS made likelier (in generation and scoring alike): some rows finish early
-        boost = torch.zeros(len(tokenizer)).index_fill(0, torch.tensor([eos]), 1.0)
-        model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + boost)
+    if temperature > 0:  # some rows finish early
+        _eos_likelier(model, tokenizer)
     prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(6)]
-    generated, _ = generate_responses(
-        model, tokenizer, prompts, SamplingSettings(batch_size=4, max_new_tokens=16, temperature=temperature), seed=1
-    )
+    sampling = SamplingSettings(batch_size=4, max_new_tokens=16, temperature=temperature, **ENGINES[engine])
+    generated, stats = generate_responses(model, tokenizer, prompts, sampling, seed=1)
+    assert stats["engine"] == ENGINES[engine]["engine"]
     if temperature > 0:
         assert {g.finished for g in generated} == {True, False}, "finished and unfinished rows are covered"
     for g in generated:
@@ -125,3 +149,138 @@ def test_sampler_log_probs_stop_at_any_end_of_turn_id():
     assert drawn == [[3, 0], [0, 4], [0, 0]]
     expected = torch.tensor([0.6, 0.5 * 0.6], dtype=torch.float64).log()
     torch.testing.assert_close(sampler.logps, expected)
+
+
+@pytest.mark.parametrize("engine", ["static", "static+refill"])
+def test_static_engine_greedy_equals_hf_generate(tiny_model_dir, tokenizer, engine):
+    """Greedy answers of the static engine (rows ending at different steps, refilled or not) are
+    transformers' own greedy `generate`, token for token, one prompt at a time."""
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4, alpha=8))
+    randomize_lora(model)
+    _eos_likelier(model, tokenizer, 0.26)  # some rows end early, at different steps
+    prompts = [render_prompt(tokenizer, f"Item {i}: " + "why? " * (i % 4)) for i in range(7)]
+    sampling = SamplingSettings(batch_size=3, max_new_tokens=12, temperature=0.0, **ENGINES[engine])
+    ours, stats = generate_responses(model, tokenizer, prompts, sampling)
+    assert stats["engine"] == "static"
+    assert {g.finished for g in ours} == {True, False}, "rows end at different steps"
+    for prompt, generated in zip(prompts, ours):
+        reference = model.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )[0, len(prompt) :].tolist()
+        assert generated.token_ids == reference
+    hf, _ = generate_responses(model, tokenizer, prompts, dataclasses.replace(sampling, engine="hf"))
+    assert [g.text for g in hf] == [g.text for g in ours]
+
+
+def test_static_engine_falls_back_to_hf_where_it_does_not_apply(tiny_model_dir, tokenizer):
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
+    assert generation.static_unsupported(model, 100) is None
+    assert isinstance(generation.make_engine(model, tokenizer, SamplingSettings()), generation.StaticEngine)
+    config = model.get_base_model().config
+    config.sliding_window, config.use_sliding_window = 32, True
+    assert "sliding window" in generation.static_unsupported(model, 100)
+    engine = generation.make_engine(model, tokenizer, SamplingSettings(engine="static"), longest_prompt=90)
+    assert isinstance(engine, generation.HFEngine)
+    config.sliding_window = None
+    assert isinstance(generation.make_engine(model, tokenizer, SamplingSettings(), zero3=True), generation.HFEngine)
+
+
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_out_of_memory_halves_the_batch_with_a_warning(tiny_model_dir, tokenizer, monkeypatch, caplog, engine):
+    """A unit that runs out of CUDA memory (faked: more than 2 rows at once) is generated again from its
+    seed 2 rows at a time, for the rest of the run: what a run with batch_size 2 gives, and a warning
+    naming the setting to lower."""
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
+    prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(8)]
+    sampling = SamplingSettings(batch_size=4, max_new_tokens=6, temperature=1.0, engine=engine)
+    expected, _ = generate_responses(
+        model, tokenizer, prompts, dataclasses.replace(sampling, batch_size=2, prompts_per_flush=4), seed=2
+    )
+    attempts = []
+    real = generation.HFEngine.generate if engine == "hf" else generation.StaticEngine.generate
+
+    def generate_or_run_out_of_memory(self, unit, seed, rows):
+        attempts.append(rows)
+        if rows > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return real(self, unit, seed, rows)
+
+    monkeypatch.setattr(
+        type(generation.make_engine(model, tokenizer, sampling)), "generate", generate_or_run_out_of_memory
+    )
+    with caplog.at_level(logging.WARNING, logger="lowrank_spin.generation"):
+        generated, _ = generate_responses(model, tokenizer, prompts, sampling, seed=2)
+    assert attempts == [4, 2, 2], "halved once, then kept for the next unit"
+    assert generated == expected
+    assert "data.sampling.batch_size to 2" in caplog.text
+
+
+def test_vllm_engine_serves_the_saved_opponent_adapter_per_shard(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """With a fake vLLM: the opponent's adapter is saved and sent as a LoRARequest, requests carry the
+    sampling settings, stop ids and per-request seeds, only this rank's units are sent, and vLLM's
+    completions become `Generated` (finished at a stop id, log-probs summed)."""
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
+    randomize_lora(model)
+    models.snapshot_opponent(model)
+    eos = tokenizer.eos_token_id
+    calls = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            calls.append(("init", kwargs))
+
+        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+            calls.append(("generate", prompts, params, lora_request))
+            outputs = []
+            for k in range(len(prompts)):
+                tokens = [5, 6, eos] if k % 2 == 0 else [7, 8, 9, 10]  # even rows finish, odd ones hit the limit
+                logprobs = [{t: types.SimpleNamespace(logprob=-0.5)} for t in tokens]
+                completion = types.SimpleNamespace(token_ids=tokens, logprobs=logprobs)
+                outputs.append(types.SimpleNamespace(outputs=[completion]))
+            return outputs
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kwargs: kwargs
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda name, lora_id, path: types.SimpleNamespace(name=name, id=lora_id, path=path)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
+    monkeypatch.setattr(generation, "_VLLM", {})
+
+    prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(10)]
+    sampling = SamplingSettings(batch_size=2, max_new_tokens=4, temperature=0.7, top_k=0, engine="vllm")
+    with models.opponent(model):
+        generated, stats = generate_responses(
+            model, tokenizer, prompts, sampling, seed=3, progress_path=tmp_path / "p.jsonl", shard=(1, 2)
+        )
+    assert stats["engine"] == "vllm"
+    (_, init), *requests = calls
+    assert init["model"] == tiny_model_dir and init["enable_lora"] and init["max_lora_rank"] >= 4
+    order = sorted(range(10), key=lambda i: (len(prompts[i]), i))
+    units = [order[i : i + 2] for i in range(0, 10, 2)]
+    assert [[p["prompt_token_ids"] for p in r[1]] for r in requests] == [[prompts[i] for i in units[u]] for u in (1, 3)]
+    params = requests[0][2]
+    assert params[0]["temperature"] == 0.7 and params[0]["top_k"] == -1 and params[0]["max_tokens"] == 4
+    assert eos in params[0]["stop_token_ids"] and params[0]["logprobs"] == 0
+    assert [p["seed"] for p in params] == [3 * 1_000_003 + 1, 3 * 1_000_003 + 2]
+    adapter = requests[0][3].path
+    saved = load_file(f"{adapter}/adapter_model.safetensors")
+    opponent = get_peft_model_state_dict(model, adapter_name=models.OPPONENT)
+    assert saved.keys() == opponent.keys() and all(torch.equal(saved[k], opponent[k]) for k in saved)
+    mine = [i for u in (1, 3) for i in units[u]]
+    assert [i for i, g in enumerate(generated) if g is not None] == sorted(mine)
+    first, second = generated[units[1][0]], generated[units[1][1]]
+    assert first.finished and first.token_ids == [5, 6, eos] and first.num_tokens == 2 and first.logp == -1.5
+    assert not second.finished and second.num_tokens == 4 and second.logp == -2.0
+
+
+def test_sampling_settings_name_the_engine_field():
+    assert any("data.sampling.engine" in e for e in SamplingSettings(engine="sglang").errors())
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        assert any("data.sampling.engine: vllm needs" in e for e in SamplingSettings(engine="vllm").errors())
+    assert any("prompts_per_flush" in e for e in SamplingSettings(prompts_per_flush=0).errors())

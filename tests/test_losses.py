@@ -69,6 +69,29 @@ def test_tspin_alpha_scales_both_terms():
     assert losses.item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.1), (2.0, 0.5)])
+def test_tspin_loss_gradients_by_hand(alpha, beta):
+    """With u = α·(y − y'), v = α·(y' − y0) and loss = −log σ(u) − β·log σ(v), since d(−log σ(t))/dt = −σ(−t):
+    d/dy = −α·σ(−u),  d/dy' = α·σ(−u) − αβ·σ(−v),  d/dy0 = αβ·σ(−v).
+    Checked against autograd through `tspin_loss` in float64, and its own gradients by finite differences."""
+    generator = torch.Generator().manual_seed(0)
+    real, generated, proto = (
+        (-5 - 10 * torch.rand(5, generator=generator, dtype=torch.float64)).requires_grad_() for _ in range(3)
+    )
+    losses, _, _ = tspin_loss(real, generated, proto, alpha=alpha, beta=beta)
+    grads = torch.autograd.grad(losses.sum(), (real, generated, proto))
+    u, v = alpha * (real - generated).detach(), alpha * (generated - proto).detach()
+    expected = (
+        -alpha * torch.sigmoid(-u),
+        alpha * torch.sigmoid(-u) - alpha * beta * torch.sigmoid(-v),
+        alpha * beta * torch.sigmoid(-v),
+    )
+    for grad, by_hand in zip(grads, expected):
+        torch.testing.assert_close(grad, by_hand, rtol=1e-12, atol=1e-15)
+    loss_only = lambda *logps: tspin_loss(*logps, alpha=alpha, beta=beta)[0]
+    assert torch.autograd.gradcheck(loss_only, (real, generated, proto), fast_mode=True)
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_spin_loss_finite_for_extreme_logps(loss_type):
     extreme = t(-1e4, 0.0, -1e4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import warnings
 from pathlib import Path
 
@@ -240,3 +241,54 @@ def test_module_loads_the_auto_dtype_and_says_so(load_in_4bit, monkeypatch, tiny
 
         layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert layers and all(m.compute_dtype == torch.float32 for m in layers)
+
+
+def test_embedded_builds_run_in_a_fresh_process(tmp_path, monkeypatch):
+    """`_in_fresh_process` runs a builder of the embedded module in another Python: this process's
+    copy of it is never called, and the folder it builds loads."""
+    from lowrank_spin.embedded import models as embedded
+
+    build = embedded.build_tiny_llama
+    monkeypatch.setattr(embedded, "build_tiny_llama", lambda *args: pytest.fail("built in this process"))
+    embedded._in_fresh_process(build, tmp_path / "tiny")
+    assert models.load_tokenizer(str(tmp_path / "tiny")) is not None and (tmp_path / "tiny" / "config.json").exists()
+
+
+def test_smollm2_conversion_is_kept_out_of_this_process(tmp_path, monkeypatch):
+    """The GGUF conversion (~1.5 GB at its peak) goes through `_in_fresh_process` into the cache."""
+    from lowrank_spin.embedded import models as embedded
+
+    calls = []
+
+    def fake_fresh_process(function, *args):
+        calls.append((function, args))
+        (Path(args[-1]) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(embedded, "_smollm2_gguf_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(embedded, "_in_fresh_process", fake_fresh_process)
+    target = embedded.embedded_model_dir(embedded.SMOLLM2, str(tmp_path / "cache"))
+    assert (target / "config.json").exists()
+    assert [(function, args[0]) for function, args in calls] == [
+        (embedded._convert_smollm2_gguf, tmp_path / "model.gguf")
+    ]
+
+
+def test_a_killed_builds_leftovers_are_removed_by_the_next_build(tmp_path):
+    """SIGKILL skips a build's cleanup: the next build removes folders whose process is gone, and
+    leaves a build still running in another process alone."""
+    import subprocess
+    import sys
+
+    from lowrank_spin.embedded import models as embedded
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cache = tmp_path / "cache"
+    abandoned = cache / f".{embedded.TINY_LLAMA}.{finished.stdout.strip()}.x1"
+    running = cache / f".{embedded.TINY_LLAMA}.{os.getppid()}.x2"  # our parent: alive
+    for folder in (abandoned, running):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half a model")
+    target = embedded.embedded_model_dir(embedded.TINY_LLAMA, str(cache))
+    assert (target / "config.json").exists()
+    assert not abandoned.exists() and running.exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([running.name, embedded.TINY_LLAMA])

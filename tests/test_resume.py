@@ -16,22 +16,31 @@ from safetensors.torch import load_file
 # The tiny config: 16 prompts in generation batches of 8 (2 per iteration), 4 train steps per epoch.
 # Per kill point: what the resumed process must still do, (training steps, generation batches).
 KILL_POINTS = {
-    "generation_batch:1": (
-        8,
-        3,
-    ),  # iteration 0, mid-generation (no checkpoint yet): its 2nd batch, then all of iteration 1
-    "adapter_saved:1": (
-        8,
-        2,
-    ),  # iteration 0's adapter written, its checkpoint not: iteration 0 trains again, its data are kept
-    "generation_batch:3": (4, 1),  # iteration 1, mid-generation: from iteration 0's checkpoint, 1 batch left
-    "train_step:6": (4, 0),  # iteration 1, mid-epoch: the epoch again, its data are kept
+    # iteration 0, mid-generation (no checkpoint yet): its 2nd batch, then all of iteration 1
+    "generation_batch:1": (8, 3),
+    # iteration 0's adapter written, its checkpoint not: iteration 0 trains again, its data are kept
+    "adapter_saved:1": (8, 2),
+    # iteration 1, mid-generation: from iteration 0's checkpoint, 1 batch left
+    "generation_batch:3": (4, 1),
+    # iteration 1, mid-epoch, no step checkpoint (the default is every 50 steps): the epoch again
+    "train_step:6": (4, 0),
+    # the same kill with a step checkpoint every 2 steps: from step 6's checkpoint, steps 7 and 8
+    "train_step:7 every 2": (2, 0),
+    # killed at step 5 (the 1st of iteration 1) with step 4's checkpoint skipped at the epoch's end: from the
+    # boundary checkpoint, so iteration 0's snapshot is in place, and iteration 1's 4 steps again
+    "train_step:5 every 2": (4, 0),
 }
 
 
-def _fit(run_dir, cache_dir, kill_at: str | None = None, resume: bool = False) -> int:
+def _kill_args(kill_at: str) -> tuple[str, list[str]]:
+    """The fault point of a KILL_POINTS key, and the fit options it runs with."""
+    point, _, every = kill_at.partition(" every ")
+    return point, (["--step_checkpoint.every_n_train_steps", every] if every else [])
+
+
+def _fit(run_dir, cache_dir, *options: str, kill_at: str | None = None, resume: bool = False) -> int:
     env = subprocess_env(cache_dir, **({"LOWRANK_SPIN_KILL_AT": kill_at} if kill_at else {}))
-    args = fit_command(fit_args(run_dir, *(["--ckpt_path", "last"] if resume else [])))
+    args = fit_command(fit_args(run_dir, *options, *(["--ckpt_path", "last"] if resume else [])))
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300).returncode
 
 
@@ -57,9 +66,10 @@ def _work_done(run_dir, version: int) -> tuple[int, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
 def test_killed_run_resumes_to_the_same_adapters(kill_at, uninterrupted, tmp_path, cache_dir):
-    assert _fit(tmp_path, cache_dir, kill_at=kill_at) == -9, "the fault point was not reached"
+    point, options = _kill_args(kill_at)
+    assert _fit(tmp_path, cache_dir, *options, kill_at=point) == -9, "the fault point was not reached"
     assert not (tmp_path / "iter_1" / "adapter_model.safetensors").exists()
-    assert _fit(tmp_path, cache_dir, resume=True) == 0
+    assert _fit(tmp_path, cache_dir, *options, resume=True) == 0
     assert _work_done(tmp_path, version=1) == KILL_POINTS[kill_at], "the resumed run redid finished work"
     for iteration in (0, 1):
         expected, got = _synthetic(uninterrupted, iteration), _synthetic(tmp_path, iteration)

@@ -351,54 +351,26 @@ def test_data_files_with_a_single_file_and_unknown_suffix(tmp_path):
 # ---- compare uses the user's data as given -----------------------------------------------------------
 
 
-def _fake_fit(seen):
-    def fit(args):
-        seen.append(args)
-        run_dir = args[args.index("--trainer.default_root_dir") + 1]
-        (compare.Path(run_dir) / "results.json").parent.mkdir(parents=True, exist_ok=True)
-        (compare.Path(run_dir) / "results.json").write_text("[]")
-
-    return fit
-
-
-def _max_samples(args):
-    return int(args[args.index("--data.max_samples") + 1]) if "--data.max_samples" in args else None
+def _sizes(config, fractions, num_train=None, overrides=()) -> dict:
+    """`data.max_samples` per data fraction, as `compare` plans them for `config` (None: as given)."""
+    settings = compare._settings(str(config), list(overrides))
+    return compare._training_sizes(settings["data"], fractions, num_train)[0]
 
 
 def test_compare_uses_the_users_data_as_given(tmp_path, capsys):
     data = _jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(1000)])
     config = tmp_path / "user.yaml"
     config.write_text(yaml.safe_dump({"model": {"num_iterations": 1}, "data": {"dataset": data, "val_fraction": 0.1}}))
-    seen = []
-    compare.run_arms(_fake_fit(seen), str(config), tmp_path / "out", ["sft"], [1.0, 0.5], None, [])
-    assert [_max_samples(a) for a in seen] == [None, 450], (
-        "all 900 training rows at 100% (not 256), half of them at 50%"
-    )
+    assert _sizes(config, [0.5, 1.0]) == {0.5: 450, 1.0: None}, "all 900 training rows at 100% (not 256), half at 50%"
     assert "data fractions of 900 training rows" in capsys.readouterr().out
     # the config's own max_samples is the data at 100%; an override every arm gets counts too
     config.write_text(yaml.safe_dump({"model": {"num_iterations": 1}, "data": {"dataset": data, "max_samples": 300}}))
-    seen.clear()
-    compare.run_arms(_fake_fit(seen), str(config), tmp_path / "out2", ["sft"], [1.0, 0.25], None, [])
-    assert [_max_samples(a) for a in seen] == [None, 75]
-    seen.clear()
-    compare.run_arms(
-        _fake_fit(seen),
-        str(config),
-        tmp_path / "out3",
-        ["sft"],
-        [0.5],
-        None,
-        ["--data.max_samples=100", "--data.val_fraction", "0"],
-    )
-    assert _max_samples(seen[0]) == 50
-    seen.clear()
-    compare.run_arms(_fake_fit(seen), str(config), tmp_path / "out4", ["sft"], [1.0, 0.5], 40, [])
-    assert [_max_samples(a) for a in seen] == [40, 20], "--num_train is the rows at 100%"
+    assert _sizes(config, [0.25, 1.0]) == {0.25: 75, 1.0: None}
+    assert _sizes(config, [0.5], overrides=["--data.max_samples=100", "--data.val_fraction", "0"]) == {0.5: 50}
+    assert _sizes(config, [0.5, 1.0], num_train=40) == {0.5: 20, 1.0: 40}, "--num_train is the rows at 100%"
 
 
 def test_compare_on_the_math_task(tmp_path):
     config = tmp_path / "math.yaml"
     config.write_text(yaml.safe_dump({"model": {"num_iterations": 1}, "data": {"dataset": "math", "num_train": 64}}))
-    seen = []
-    compare.run_arms(_fake_fit(seen), str(config), tmp_path / "out", ["sft"], [1.0, 0.25], None, [])
-    assert [_max_samples(a) for a in seen] == [None, 16]
+    assert _sizes(config, [0.25, 1.0]) == {0.25: 16, 1.0: None}

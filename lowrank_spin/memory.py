@@ -1,0 +1,173 @@
+"""The expected peak memory of a run, from its settings and the base's config, before anything loads.
+
+On a CPU there is no out-of-memory error to recover from: the kernel's OOM killer ends the process
+(SIGKILL, no message) or the machine swaps for hours. So `fit` states the estimate before the long
+work starts and refuses a run whose estimate exceeds the memory the machine has free
+(`peak_memory_errors`). The estimate is a sum of the parts that scale with the settings, each an
+upper-end figure, plus the fixed cost of the process:
+
+    weights       the base in its dtype (nf4 linear layers: 0.5 byte + 1/64 of a float32 scale per weight)
+    lora          both adapters' float32 weights, plus the policy's gradient and two Adam moments
+    generation    the KV cache of `sampling.batch_size` rows x (prompt + new tokens), and their logits
+    training      the activations a LoRA backward keeps, per token of a batch (or per layer boundary
+                  with gradient checkpointing), and one chunk of float32 logits with its softmax
+    runtime       torch, transformers, Lightning and the tokenizer, measured once (~1 GB)
+
+It is an estimate, not a bound: allocator fragmentation and libraries' caches add to it, and
+benchmarks/bench_memory.py measures the real peak beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowrank_spin.settings import LoRASettings, SamplingSettings
+
+GIB = 1024**3
+RUNTIME_BYTES = int(1.0 * GIB)  # a Python process with torch, transformers and Lightning imported
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4 bits, plus one float32 absmax per block of 64 (before double quant)
+# Activations a LoRA backward keeps per token and layer, in units of hidden size (attention and MLP
+# inputs, norms, rotary q/k, the LoRA branches' inputs) and of intermediate size (gate, up, their product).
+KEPT_PER_HIDDEN, KEPT_PER_INTERMEDIATE = 12, 3
+
+
+@dataclass(frozen=True)
+class PeakEstimate:
+    """Bytes per part (see the module docstring); `total` is what a run is expected to peak at."""
+
+    weights: int
+    lora: int
+    generation: int
+    training: int
+    runtime: int = RUNTIME_BYTES
+
+    @property
+    def total(self) -> int:
+        # generation and training never hold their buffers at the same time
+        return self.weights + self.lora + max(self.generation, self.training) + self.runtime
+
+    def describe(self) -> str:
+        """One line: the total and its parts, in GB."""
+        parts = ", ".join(
+            f"{name} {getattr(self, name) / GIB:.2f}"
+            for name in ("weights", "lora", "generation", "training", "runtime")
+        )
+        return f"{self.total / GIB:.1f} GB ({parts} GB; generation and training do not overlap)"
+
+
+def estimate_peak(
+    config,
+    *,
+    load_in_4bit: bool,
+    dtype: str,
+    lora: LoRASettings,
+    sampling: SamplingSettings,
+    train_batch_size: int,
+    responses_per_example: int,
+    prompt_length: int,
+    response_length: int,
+    gradient_checkpointing: bool = False,
+    logits_chunk: int = 512,
+) -> PeakEstimate:
+    """The expected peak of a run over the base of transformers `config`, in `dtype` (the compute dtype
+    of a 4-bit base), whose longest prompt and response (real or generated) are `prompt_length` and
+    `response_length` tokens: its worst batch holds `train_batch_size` such examples. Returns a PeakEstimate."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    width = DTYPE_BYTES[dtype]
+
+    # the linear layers of one decoder layer: q, k, v, o and the gated MLP's gate, up and down
+    linear_shapes = [
+        (hidden, heads * head_dim),
+        (hidden, kv_heads * head_dim),
+        (hidden, kv_heads * head_dim),
+        (heads * head_dim, hidden),
+        (hidden, intermediate),
+        (hidden, intermediate),
+        (intermediate, hidden),
+    ]
+    linear_weights = layers * sum(i * o for i, o in linear_shapes)
+    embeddings = vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    linear_bytes = linear_weights * (NF4_BYTES_PER_WEIGHT if load_in_4bit else width)
+    weights = int(linear_bytes + (embeddings + 2 * layers * hidden) * width)
+
+    lora_params = layers * sum(lora.rank * (i + o) for i, o in linear_shapes)
+    lora_bytes = (
+        lora_params * 4 * (1 + 1 + 1 + 2)
+    )  # policy + opponent weights, the policy's gradient, Adam's two moments
+
+    sequence = prompt_length + sampling.max_new_tokens
+    sequence = -(-sequence // 64) * 64  # the static engine's cache length
+    kv_cache = 2 * layers * sampling.batch_size * kv_heads * head_dim * sequence * width
+    generation = kv_cache + 3 * sampling.batch_size * vocab * 4  # logits, their float32 copy, the sampler's
+
+    rows = train_batch_size * responses_per_example
+    row_length = prompt_length + response_length
+    tokens = rows * row_length
+    kept_per_layer = (
+        hidden if gradient_checkpointing else KEPT_PER_HIDDEN * hidden + KEPT_PER_INTERMEDIATE * intermediate
+    )
+    activations = tokens * layers * kept_per_layer * width
+    # attention weights of the masked (math) sdpa path: rows x heads x seq^2 per layer, kept for backward
+    attention = 0 if gradient_checkpointing else rows * heads * row_length**2 * width
+    training = activations + layers * attention + 3 * logits_chunk * vocab * 4
+
+    return PeakEstimate(weights=weights, lora=int(lora_bytes), generation=int(generation), training=int(training))
+
+
+def available_bytes(meminfo: str | None = None) -> int | None:
+    """The memory the kernel says new work can use without swapping (`MemAvailable`, Linux), capped by
+    the cgroup's limit where one is set; None where neither can be read."""
+    if meminfo is None:
+        try:
+            with open("/proc/meminfo") as f:
+                meminfo = f.read()
+        except OSError:
+            meminfo = ""
+    available = next(
+        (int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None
+    )
+    limit = _cgroup_limit()
+    if available is None:
+        return limit
+    return min(available, limit) if limit else available
+
+
+def _cgroup_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 60:
+            return int(value)
+    return None
+
+
+def peak_memory_errors(estimate: PeakEstimate, available: int | None, processes: int = 1) -> list[str]:
+    """The config error of a run of `processes` processes on this machine, each expected to peak at
+    `estimate`, when together they need more than `available` bytes (empty when they fit or the
+    machine's memory is unknown), naming the settings that lower the estimate most."""
+    if available is None or processes * estimate.total <= available:
+        return []
+    levers = []
+    if estimate.weights > estimate.total / 4:
+        levers.append("model.load_in_4bit: true")
+    if estimate.training >= estimate.generation:
+        levers += ["a lower data.batch_size", "model.gradient_checkpointing: true", "a lower data.max_response_length"]
+        levers += ["a lower data.sampling.max_new_tokens"]
+    else:
+        levers += ["a lower data.sampling.batch_size", "a lower data.sampling.max_new_tokens"]
+    return [
+        f"memory: this run is expected to peak at {estimate.describe()}"
+        + (f" in each of {processes} processes" if processes > 1 else "")
+        + f", more than the "
+        f"{available / GIB:.1f} GB this machine has available; lower it with {', '.join(levers)} "
+        "(or check anyway with LOWRANK_SPIN_SKIP_MEMORY_CHECK=1)"
+    ]

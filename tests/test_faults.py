@@ -1,0 +1,167 @@
+"""Bad numbers and failed writes: a nan/inf step is skipped and counted, a run that keeps producing
+them stops with a message; a write that fails (full disk, read-only folder) stops the run with one
+message and leaves what was saved before intact and loadable, and the run resumes from there."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import lightning as L
+import pytest
+import torch
+from conftest import fit_args
+
+from lowrank_spin import files, models
+from lowrank_spin.cli import build_cli
+from lowrank_spin.module import SelfPlayLoRA
+
+# the tiny config: 4 optimizer steps per iteration, 2 iterations
+
+
+def _poison_steps(monkeypatch, steps: set[int], where: str) -> None:
+    """Make the loss (`where="loss"`) or only the gradient (`where="gradient"`: the loss stays finite)
+    of the given global steps nan."""
+    compute = SelfPlayLoRA._compute_loss
+
+    def poisoned(self, batch):
+        loss, metrics = compute(self, batch)
+        if self.trainer.global_step in steps:
+            if where == "loss":
+                loss = loss * float("nan")
+            else:  # sqrt at 0: the value 0, the gradient 0 * inf = nan
+                lora = next(p for p in self.model.parameters() if p.requires_grad)
+                loss = loss + torch.sqrt(lora.sum() * 0)
+        return loss, metrics
+
+    monkeypatch.setattr(SelfPlayLoRA, "_compute_loss", poisoned)
+
+
+class _RecordSteps(L.Callback):
+    """Whether each optimizer step moved the trainable weights."""
+
+    def __init__(self):
+        self.moved: dict[int, bool] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._before = [p.detach().clone() for p in module.model.parameters() if p.requires_grad]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        after = [p.detach() for p in module.model.parameters() if p.requires_grad]
+        self.moved[trainer.global_step - 1] = any(not torch.equal(a, b) for a, b in zip(after, self._before))
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_nonfinite_step_is_skipped_and_counted(where, tmp_path, cache_dir, monkeypatch):
+    _poison_steps(monkeypatch, {1, 5}, where)
+    recorder = _RecordSteps()
+    cli = build_cli(fit_args(tmp_path)[1:], run=False)
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert recorder.moved == {0: True, 1: False, 2: True, 3: True, 4: True, 5: False, 6: True, 7: True}
+    assert cli.model._skipped_steps == 2
+    assert all(torch.isfinite(p).all() for p in cli.model.model.parameters())
+    assert (tmp_path / "iter_1" / "adapter_model.safetensors").exists()
+    logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/skipped_steps" in logged.splitlines()[0]
+
+
+def _hashes(root) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        # not the logs, nor a temporary file or folder of a write in progress
+        if p.is_file() and "logs" not in p.parts and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
+
+
+class _SnapshotAtIteration(L.Callback):
+    """The run folder's files (and their hashes) when iteration `iteration` starts training."""
+
+    def __init__(self, root, iteration: int = 1):
+        self.root, self.iteration, self.files = root, iteration, None
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.iteration:
+            self.files = _hashes(self.root)
+
+
+def test_a_run_that_keeps_producing_nan_stops_and_touches_nothing_saved(tmp_path, cache_dir, monkeypatch, capsys):
+    _poison_steps(monkeypatch, {4, 5, 6, 7}, "loss")  # all of iteration 1
+    snapshot = _SnapshotAtIteration(tmp_path)
+    cli = build_cli(fit_args(tmp_path, "--model.optimizer.max_nonfinite_steps", "2")[1:], run=False)
+    cli.trainer.callbacks.append(snapshot)
+    with pytest.raises(SystemExit) as stopped:
+        cli.fit(cli.model, datamodule=cli.datamodule)
+    assert stopped.value.code == 1
+    message = capsys.readouterr().err
+    assert "iteration 1, step 5" in message and "2 optimizer step(s) in a row" in message
+    assert "model.optimizer.learning_rate" in message and "model.objective.beta" in message
+    after = _hashes(tmp_path)
+    assert {k: after.get(k) for k in snapshot.files} == snapshot.files, "a file saved before was changed"
+    assert "iter_0/adapter_model.safetensors" in snapshot.files
+    assert not (tmp_path / "iter_1" / "adapter_model.safetensors").exists()
+
+
+def _fail_writes(monkeypatch, name: str, code: int, before_failing) -> None:
+    """Make fsync of a temporary file whose path contains `name` fail with `code`, as a full disk or
+    a read-only folder does, after it was partly written (calling `before_failing` first)."""
+    fsync = os.fsync
+
+    def failing(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if name in path and path.endswith(".tmp"):
+            before_failing()
+            raise OSError(code, os.strerror(code))
+        return fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", failing)
+
+
+def _save_file_fails_in_iteration_1(monkeypatch, code: int, before_failing) -> None:
+    save_file = models.save_file
+
+    def failing(state, path, metadata=None):
+        if "iter_1" in str(path):
+            before_failing()
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)  # a torn file, as a full disk leaves
+            raise OSError(code, os.strerror(code), str(path))
+        return save_file(state, path, metadata=metadata)
+
+    monkeypatch.setattr(models, "save_file", failing)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "adapter: no space",  # saving iteration 1's adapter
+        "synthetic: read-only",  # writing iteration 1's synthetic data (after its generation)
+    ],
+)
+def test_a_failed_write_stops_the_run_and_keeps_what_was_saved(fault, tmp_path, cache_dir, monkeypatch, capsys):
+    what, _, kind = fault.partition(": ")
+    code = errno.ENOSPC if kind == "no space" else errno.EROFS
+    saved = {}
+    if what == "adapter":
+        _save_file_fails_in_iteration_1(monkeypatch, code, lambda: saved.update(_hashes(tmp_path)))
+    else:
+        _fail_writes(monkeypatch, "iter_1/.synthetic.jsonl.", code, lambda: saved.update(_hashes(tmp_path)))
+    cli = build_cli(fit_args(tmp_path)[1:], run=False)
+    with pytest.raises(SystemExit) as stopped:
+        cli.fit(cli.model, datamodule=cli.datamodule)
+    assert stopped.value.code == 1
+    message = capsys.readouterr().err
+    assert os.strerror(code) in message and "iter_1" in message and "--ckpt_path last" in message
+    after = _hashes(tmp_path)
+    assert {k: after.get(k) for k in saved} == saved, "a file saved before the failure was changed"
+    assert "iter_0/adapter_model.safetensors" in saved and "checkpoints/last.ckpt" in saved
+    assert not (tmp_path / "iter_1" / "adapter_model.safetensors").exists(), "no torn adapter left"
+    assert not list(tmp_path.rglob("*.tmp")), "no temporary file left"
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["epoch"] == 0, "the last checkpoint is iteration 0's boundary"
+    monkeypatch.undo()
+    resumed = build_cli(fit_args(tmp_path)[1:], run=False)
+    resumed.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path="last")
+    assert (tmp_path / "iter_1" / "adapter_model.safetensors").exists()

@@ -1,0 +1,97 @@
+"""The expected peak memory: its parts follow the settings as the module docstring says, a run that
+would not fit stops with one message before generating anything, and one that fits says its estimate."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import fit_args
+from transformers import LlamaConfig
+
+from lowrank_spin import memory
+from lowrank_spin.cli import build_cli
+from lowrank_spin.settings import LoRASettings, SamplingSettings
+
+GIB = memory.GIB
+# hidden 64, 2 layers, 4 heads of 16 (2 kv heads), MLP 128, vocabulary 1000, tied embeddings
+CONFIG = LlamaConfig(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=1000,
+    tie_word_embeddings=True,
+)
+
+
+def _estimate(**overrides) -> memory.PeakEstimate:
+    settings = dict(
+        load_in_4bit=False,
+        dtype="float32",
+        lora=LoRASettings(rank=4),
+        sampling=SamplingSettings(batch_size=2, max_new_tokens=10),
+        train_batch_size=2,
+        responses_per_example=2,
+        prompt_length=20,
+        response_length=12,
+    )
+    return memory.estimate_peak(CONFIG, **{**settings, **overrides})
+
+
+def test_weights_and_lora_by_hand():
+    # per layer: q 64x64, k and v 64x32, o 64x64, gate and up 64x128, down 128x64 -> 36864 weights
+    # plain float32: 2 * 36864 linear weights + 1000 * 64 tied embeddings + 2 norms of 64 per layer
+    assert _estimate().weights == (2 * 36864 + 64000 + 2 * 2 * 64) * 4
+    # nf4: 0.5 byte + 1/16 byte of scale per linear weight; the rest in the compute dtype (bf16)
+    assert _estimate(load_in_4bit=True, dtype="bfloat16").weights == int(2 * 36864 * 0.5625 + (64000 + 256) * 2)
+    # LoRA r=4 on the 7 linear layers: 4 * (in + out) each, 4 * 1024 per layer; 5 float32 copies
+    # (policy and opponent weights, the policy's gradient and two Adam moments)
+    assert _estimate().lora == 2 * 4 * 1024 * 4 * 5
+
+
+def test_parts_follow_the_settings():
+    base = _estimate()
+    # the KV cache: 2 (k, v) x layers x rows x kv heads x head dim x (prompt + new tokens, in 64s) x 4 bytes
+    assert base.generation == 2 * 2 * 2 * 2 * 16 * 64 * 4 + 3 * 2 * 1000 * 4
+    assert _estimate(sampling=SamplingSettings(batch_size=4, max_new_tokens=10)).generation > base.generation
+    assert _estimate(train_batch_size=4).training > base.training
+    assert _estimate(gradient_checkpointing=True).training < base.training
+    assert _estimate(responses_per_example=3).training > base.training
+    # generation and training never hold their buffers at once
+    assert base.total == base.weights + base.lora + max(base.generation, base.training) + memory.RUNTIME_BYTES
+
+
+def test_available_bytes_reads_meminfo():
+    meminfo = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n"
+    available = memory.available_bytes(meminfo)
+    assert available is not None and available <= 20000000 * 1024
+
+
+def test_the_error_names_the_levers_and_the_numbers():
+    estimate = memory.PeakEstimate(weights=GIB, lora=0, generation=GIB // 2, training=4 * GIB)
+    assert memory.peak_memory_errors(estimate, 16 * GIB) == []
+    assert memory.peak_memory_errors(estimate, None) == []  # unknown: no refusal
+    (error,) = memory.peak_memory_errors(estimate, 4 * GIB)
+    assert "6.0 GB" in error and "4.0 GB" in error
+    assert "data.batch_size" in error and "model.gradient_checkpointing" in error
+    (error,) = memory.peak_memory_errors(estimate, 10 * GIB, processes=2)  # 2 CPU processes: 12 GB
+    assert "in each of 2 processes" in error
+
+
+def test_a_run_that_would_not_fit_stops_before_generating(tmp_path, cache_dir, monkeypatch, capsys):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100 * 1024**2)  # a 100 MB machine
+    with pytest.raises(SystemExit) as stopped:
+        build_cli(fit_args(tmp_path))
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "memory: this run is expected to peak at" in err and "100 MB" not in err
+    assert "0.1 GB this machine has available" in err
+    assert not (tmp_path / "iter_0").exists(), "nothing generated"
+
+
+def test_a_run_that_fits_states_its_estimate(tmp_path, cache_dir, monkeypatch, capsys):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100 * 1024**2)
+    monkeypatch.setenv("LOWRANK_SPIN_SKIP_MEMORY_CHECK", "1")  # the way round a refusal
+    build_cli(fit_args(tmp_path, "--model.num_iterations", "1"))
+    assert "memory: expected peak" in capsys.readouterr().out
+    assert (tmp_path / "iter_0" / "adapter_model.safetensors").exists()

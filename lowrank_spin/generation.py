@@ -733,6 +733,7 @@ def _read_progress(path: str | Path) -> dict[int, Generated]:
     if text and not text.endswith("\n"):  # drop the torn tail so appended rows start on a fresh line
         text = text[: text.rfind("\n") + 1]
         path.write_text(text)
+        log.warning("%s: its last line was cut off (a kill mid-write): dropped, that prompt is generated again", path)
     for line in text.splitlines():
         try:
             row = json.loads(line)

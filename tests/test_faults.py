@@ -165,3 +165,43 @@ def test_a_failed_write_stops_the_run_and_keeps_what_was_saved(fault, tmp_path, 
     resumed = build_cli(fit_args(tmp_path)[1:], run=False)
     resumed.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path="last")
     assert (tmp_path / "iter_1" / "adapter_model.safetensors").exists()
+
+
+def test_broken_files_found_at_resume_are_named_and_the_run_recovers(tmp_path, cache_dir):
+    """Killed at step 7 (iteration 1) with a step checkpoint at step 6; then the disk tears the newest
+    checkpoint and iteration 1's synthetic file. The resume names both, starts from iteration 0's
+    boundary checkpoint, generates iteration 1's responses again, and ends with the uninterrupted
+    run's adapters."""
+    import subprocess
+
+    from conftest import fit_command, subprocess_env
+    from safetensors.torch import load_file
+
+    every_2 = ("--step_checkpoint.every_n_train_steps", "2")
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert subprocess.run(fit_command(fit_args(reference, *every_2)), env=subprocess_env(cache_dir)).returncode == 0
+    killed = subprocess.run(
+        fit_command(fit_args(run, *every_2)), env=subprocess_env(cache_dir, LOWRANK_SPIN_KILL_AT="train_step:7")
+    )
+    assert killed.returncode == -9
+    [step_checkpoint] = (run / "checkpoints").glob("step-*.ckpt")
+    step_checkpoint.write_bytes(step_checkpoint.read_bytes()[: step_checkpoint.stat().st_size // 2])
+    synthetic = run / "iter_1" / "synthetic.jsonl"
+    synthetic.write_text(synthetic.read_text()[: len(synthetic.read_text()) // 2])  # cut mid-row
+
+    resumed = subprocess.run(
+        fit_command(fit_args(run, *every_2, "--ckpt_path", "last")),
+        env=subprocess_env(cache_dir),
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{step_checkpoint} does not load" in resumed.stderr
+    assert f"{synthetic}: line" in resumed.stderr and "the file is broken" in resumed.stderr
+    assert (run / "iter_1" / "synthetic.jsonl.broken").exists()
+    for iteration in (0, 1):
+        want = load_file(reference / f"iter_{iteration}" / "adapter_model.safetensors")
+        have = load_file(run / f"iter_{iteration}" / "adapter_model.safetensors")
+        for name in want:
+            torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert files.read_jsonl(synthetic) == files.read_jsonl(reference / "iter_1" / "synthetic.jsonl")

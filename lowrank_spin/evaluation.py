@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from lowrank_spin.batching import IGNORE_INDEX, Collator, batches, response_logits, response_logps, sequence_logps
+from lowrank_spin.batching import Collator, batches, response_logps
 from lowrank_spin.data.chat import response_ids
 from lowrank_spin.embedded import task
 from lowrank_spin.generation import generate_responses
@@ -138,9 +138,9 @@ def gold_nll(model, examples: list[dict], collate, batch_size: int) -> tuple[flo
     total, tokens = 0.0, 0
     try:
         for _, batch in batches(examples, collate, batch_size, device):
-            logits, labels = response_logits(model, batch)
-            total += -sequence_logps(logits, labels).sum().item()
-            tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            # chunked over the scored positions: no [batch, seq, vocab] float32 logits (GBs at 49k words)
+            total += -response_logps(model, batch).sum().item()
+            tokens += int(batch["response_lengths"].sum())
     finally:
         model.train(was_training)
     return total, tokens

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowrank_spin.batching import IGNORE_INDEX
 from lowrank_spin.settings import LOSS_TYPES
 
 # exp(-margin) overflows float32 once -margin > 88; clamping keeps the exponential loss finite for
@@ -17,9 +16,10 @@ from lowrank_spin.settings import LOSS_TYPES
 _MAX_EXPONENT = 50.0
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token NLL of the real response over the whole batch (the SFT baseline)."""
-    return F.cross_entropy(logits[:, :-1, :].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX)
+def sft_loss(real_logps: torch.Tensor, real_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL of the real responses over the whole batch (the SFT baseline), from each response's
+    summed log-prob and token count: −Σ log pθ(y) / Σ |y|, every token weighted alike."""
+    return -real_logps.sum() / real_tokens.sum().clamp(min=1)
 
 
 def spin_loss(

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lowrank_spin import losses, memory, models
-from lowrank_spin.batching import response_logits, response_logps
+from lowrank_spin.batching import response_logps
 from lowrank_spin.callbacks import IterationBoundaries
 from lowrank_spin.faults import RunStopped
 from lowrank_spin.opponent import Opponent
@@ -294,7 +294,7 @@ class SelfPlayLoRA(L.LightningModule):
     def _compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         objective = self.objective
         if objective.name == "sft":
-            return losses.sft_loss(*response_logits(self.model, batch)), {}
+            return losses.sft_loss(response_logps(self.model, batch), batch["response_lengths"]), {}
         # Layout of the log-probs: [real; generated] (spin) or [real; generated; proto] (tspin).
         logps = response_logps(self.model, batch, average=objective.length_normalize)
         chunks = logps.chunk(batch["num_responses"])

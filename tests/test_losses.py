@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lowrank_spin.batching import IGNORE_INDEX, sequence_logps
 from lowrank_spin.losses import sft_loss, spin_loss, tspin_loss
@@ -112,11 +113,16 @@ def test_unknown_loss_type_raises():
 
 
 def test_sft_loss_is_mean_token_nll():
+    # responses of 3, 1 and 4 tokens with summed log-probs −6, −2 and −4: every token weighs alike,
+    # (6 + 2 + 4) / (3 + 1 + 4) = 1.5, not the mean of the per-response means (2 + 2 + 1) / 3 = 1.67
+    assert sft_loss(t(-6.0, -2.0, -4.0), torch.tensor([3, 1, 4])).item() == pytest.approx(1.5)
+
+
+def test_sft_loss_equals_cross_entropy_over_the_batch():
     logits = torch.randn(2, 6, 7)
     labels = torch.tensor(
         [[IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 4, 5, 6, 0]]
     )
-    tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
-    assert sft_loss(logits, labels).item() == pytest.approx(
-        (-sequence_logps(logits, labels).sum() / tokens).item(), rel=1e-5
-    )
+    tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    expected = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX)
+    assert sft_loss(sequence_logps(logits, labels), tokens).item() == pytest.approx(expected.item(), rel=1e-5)

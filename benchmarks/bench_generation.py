@@ -27,6 +27,7 @@ import platform
 import time
 from pathlib import Path
 
+import report
 import torch
 
 from lowrank_spin import models
@@ -52,6 +53,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[96, 256])
     parser.add_argument("--dtypes", nargs="+", default=[AUTO, "float32"], choices=[AUTO, *DTYPE_NAMES])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--load-in-4bit", action="store_true", help="an nf4 base (the main config's), compute in the dtype"
+    )
+    parser.add_argument("--output", default="benchmarks/results/generation.json")
     parser.add_argument("--refill-batches", type=int, default=4, help="batches per flush unit with refill")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -71,7 +76,8 @@ def main() -> None:
     for dtype_setting in args.dtypes:
         dtype, reason = models.choose_dtype(dtype_setting, "cpu")
         print(f"dtype {dtype_setting}: {dtype} ({reason})", flush=True)
-        model = models.attach_lora(models.load_base_model(path, dtype=dtype, compute_dtype=dtype))
+        base = models.load_base_model(path, load_in_4bit=args.load_in_4bit, dtype=dtype, compute_dtype=dtype)
+        model = models.attach_lora(base)
         with models.opponent(model):
             for max_new_tokens in args.max_new_tokens:
                 base = SamplingSettings(batch_size=args.batch_size, max_new_tokens=max_new_tokens, temperature=1.0)
@@ -84,7 +90,7 @@ def main() -> None:
                     compile_s = _warm_up(model, tokenizer, prompts, sampling) if sampling.compile else 0.0
                     generated, stats = generate_responses(model, tokenizer, prompts, sampling, seed=0)
                     row = {
-                        "dtype": dtype,
+                        "dtype": dtype + (" nf4" if args.load_in_4bit else ""),
                         "max_new_tokens": max_new_tokens,
                         "variant": name,
                         "engine": stats["engine"],
@@ -98,12 +104,13 @@ def main() -> None:
                     rows.append(row)
                     print(_line(row, rows), flush=True)
         del model
-    print(
-        "\n| dtype | new tokens | variant | new tokens/s | vs hf | seconds | compile+warm-up s | mean length | finished | logp/token |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(_markdown(row, rows))
+    table = [
+        "| dtype | new tokens | variant | new tokens/s | vs hf | seconds | compile+warm-up s | mean length | finished | logp/token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *(_markdown(row, rows) for row in rows),
+    ]
+    results = {"machine": report.machine(torch.get_num_threads()), "cpu_flags": _cpu_flags(), "args": vars(args)}
+    report.write_results(results | {"rows": rows}, "\n".join(["", *table]), args.output)
 
 
 def _warm_up(model, tokenizer, prompts, sampling) -> float:

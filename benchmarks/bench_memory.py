@@ -125,6 +125,9 @@ def main() -> None:
         help="instead: run the README's main command (lowrank-spin fit --config configs/smollm2_spin.yaml) into "
         "RUN_DIR, sampling its RSS every 0.2 s, and report peak RSS and seconds per phase",
     )
+    parser.add_argument(
+        "--fit-args", nargs=argparse.REMAINDER, default=[], help="with --trace-fit: more `fit` options, last"
+    )
     parser.add_argument("--trace-file", help="instead: the per-phase table of a trace written by --trace-fit")
     parser.add_argument("--worker", choices=["build", "ours", "phases", *VARIANTS], help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", help=argparse.SUPPRESS)
@@ -601,11 +604,11 @@ def trace_main(args) -> None:
         cache = Path(os.environ.get("LOWRANK_SPIN_CACHE", Path.home() / ".cache" / "lowrank_spin"))
         script = Path(sys.executable).parent / "lowrank-spin"
         cli = [str(script)] if script.exists() else [sys.executable, "-m", "lowrank_spin.cli"]
-        command = [*cli, "fit", "--config", str(CONFIG), "--trainer.default_root_dir", args.trace_fit]
+        command = [*cli, "fit", "--config", str(CONFIG), "--trainer.default_root_dir", args.trace_fit, *args.fit_args]
         Path(args.trace_fit).mkdir(parents=True, exist_ok=True)
         record_trace(command, trace, cache)
     table = trace_phases([json.loads(line) for line in trace.read_text().splitlines()])
-    results = {"trace": str(trace), "cpu_flags": _cpu_flags(), "phases": table}
+    results = {"trace": str(trace), "fit_args": args.fit_args, "cpu_flags": _cpu_flags(), "phases": table}
     lines = [
         f"CPU flags: {results['cpu_flags']}; trace {trace}",
         "",

@@ -37,6 +37,7 @@ from transformers.cache_utils import Cache
 
 from lowrank_spin import models
 from lowrank_spin.faults import safe_point
+from lowrank_spin.memory import release_freed_memory
 from lowrank_spin.settings import SamplingSettings
 from lowrank_spin.templates import end_of_turn_ids
 
@@ -132,6 +133,7 @@ def generate_responses(
         if log_file:
             log_file.close()
         model.train(was_training)
+        release_freed_memory()  # the KV caches and logits of every batch
     seconds = time.perf_counter() - start
     stats = {
         "seconds": seconds,

@@ -9,8 +9,8 @@ upper-end figure, plus the fixed cost of the process:
     weights       the base in its dtype (nf4 linear layers: 0.5 byte + 1/64 of a float32 scale per weight)
     lora          both adapters' float32 weights, plus the policy's gradient and two Adam moments
     generation    the KV cache of `sampling.batch_size` rows x (prompt + new tokens), and their logits
-    training      the activations a LoRA backward keeps, per token of a batch (or per layer boundary
-                  with gradient checkpointing), and one chunk of float32 logits with its softmax
+    training      what a LoRA training step holds per token of its longest batch (less with gradient
+                  checkpointing), fitted to measured peaks, and one chunk of float32 logits with its softmax
     runtime       torch, transformers, Lightning and the tokenizer, measured once (~1 GB)
 
 It is an estimate, not a bound: allocator fragmentation and libraries' caches add to it, and
@@ -19,6 +19,8 @@ benchmarks/bench_memory.py measures the real peak beside it.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from dataclasses import dataclass
 
 from lowrank_spin.settings import LoRASettings, SamplingSettings
@@ -27,9 +29,14 @@ GIB = 1024**3
 RUNTIME_BYTES = int(1.0 * GIB)  # a Python process with torch, transformers and Lightning imported
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4 bits, plus one float32 absmax per block of 64 (before double quant)
-# Activations a LoRA backward keeps per token and layer, in units of hidden size (attention and MLP
-# inputs, norms, rotary q/k, the LoRA branches' inputs) and of intermediate size (gate, up, their product).
-KEPT_PER_HIDDEN, KEPT_PER_INTERMEDIATE = 12, 3
+# Memory a training step holds per token and layer, in values of the compute dtype per unit of hidden
+# and of intermediate size: what the backward keeps (attention and MLP inputs, norms and their float32
+# upcasts, rotary q/k, the LoRA branches' inputs, gate/up and their product) plus the allocator's
+# slack. Fitted to the main command's measured peaks (benchmarks/RESULTS.md: SmolLM2-135M, bf16):
+# ~64 x hidden per token-layer without gradient checkpointing, ~21 x hidden with it (then the step
+# holds one layer's recomputation and every layer's input).
+KEPT_PER_HIDDEN, KEPT_PER_INTERMEDIATE = 36, 10
+CHECKPOINTED_PER_HIDDEN, CHECKPOINTED_PER_INTERMEDIATE = 8, 5
 
 
 @dataclass(frozen=True)
@@ -109,15 +116,40 @@ def estimate_peak(
     rows = train_batch_size * responses_per_example
     row_length = prompt_length + response_length
     tokens = rows * row_length
-    kept_per_layer = (
-        hidden if gradient_checkpointing else KEPT_PER_HIDDEN * hidden + KEPT_PER_INTERMEDIATE * intermediate
-    )
+    if gradient_checkpointing:
+        kept_per_layer = CHECKPOINTED_PER_HIDDEN * hidden + CHECKPOINTED_PER_INTERMEDIATE * intermediate
+    else:
+        kept_per_layer = KEPT_PER_HIDDEN * hidden + KEPT_PER_INTERMEDIATE * intermediate
     activations = tokens * layers * kept_per_layer * width
     # attention weights of the masked (math) sdpa path: rows x heads x seq^2 per layer, kept for backward
     attention = 0 if gradient_checkpointing else rows * heads * row_length**2 * width
     training = activations + layers * attention + 3 * logits_chunk * vocab * 4
 
     return PeakEstimate(weights=weights, lora=int(lora_bytes), generation=int(generation), training=int(training))
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed since the last call back to the OS (glibc's `malloc_trim`; a no-op
+    elsewhere). Returns None.
+
+    On CPU, torch allocates tensors with malloc. glibc keeps what a phase frees in its heap for reuse,
+    so a training step's activations stay in the process's RSS long after the step, and steps of
+    different shapes fragment the heap further: measured on the main command, ~2 GB of its training
+    peak was freed memory glibc held. Releasing it at the end of every step and phase keeps the RSS
+    near what is live, at the cost of page faults when the memory is taken again (cheaper than
+    mmapping every large tensor, which halved generation speed here).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().malloc_trim(0)
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL("libc.so.6"))
+    return _LIBC[0]
 
 
 def available_bytes(meminfo: str | None = None) -> int | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import gc
 import os
 import tempfile
@@ -28,6 +27,7 @@ from lowrank_spin.embedded.models import (  # noqa: F401 (SMOLLM2, TINY_LLAMA: r
     TINY_LLAMA,
     embedded_model_dir,
 )
+from lowrank_spin.memory import release_freed_memory
 from lowrank_spin.settings import AUTO, LoRASettings
 
 POLICY = "policy"
@@ -164,8 +164,7 @@ def release_checkpoint_mapping(model: PreTrainedModel) -> None:
         if tensor.device.type == "cpu" and tensor.is_floating_point():  # packed 4-bit weights are uint8
             tensor.data = tensor.data.clone()
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_memory()
 
 
 def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:

@@ -246,6 +246,10 @@ class SelfPlayLoRA(L.LightningModule):
         models.use_policy(self.model)
         self._real_drift = []
 
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        if self.device.type == "cpu":
+            memory.release_freed_memory()  # the step's activations, or glibc keeps them (~2 GB here)
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._batch_idx = batch_idx
         # The step's randomness (LoRA dropout) follows from (seed, step), so a resumed step draws

@@ -6,12 +6,14 @@ resumed generation equals an uninterrupted one; each unit is appended to a jsonl
 flushed, so a run killed mid-generation loses at most one unit. Under DDP each rank generates its share
 of the units. The engines (`sampling.engine`):
 
-- `StaticEngine` (default): our own decode loop over a pre-allocated KV cache of `batch_size` rows.
-  A row whose response ends takes the next waiting prompt of its unit (its prefill written into the
-  row), so the batch stays full instead of padding finished rows to the longest; optionally the decode
-  step is `torch.compile`d. About 2x HF `generate` on CPU (benchmarks/bench_generation.py).
-- `HFEngine`: transformers' `generate`, left-padded, per batch: the fallback wherever `static` does not
-  apply (DeepSpeed ZeRO-3, sliding-window or non-attention caches, flash_attention_2).
+- `HFEngine` (default): transformers' `generate`, left-padded, per batch; also the fallback wherever
+  `static` does not apply (DeepSpeed ZeRO-3, sliding-window or non-attention caches, flash_attention_2).
+- `StaticEngine`: our own decode loop over a pre-allocated KV cache of `batch_size` rows. A row whose
+  response ends takes the next waiting prompt of its unit (its prefill written into the row), so the
+  batch stays full instead of padding finished rows to the longest; optionally the decode step is
+  `torch.compile`d. Measured on CPU at batch 16 (benchmarks/RESULTS.md): 0.94-1.06x HF `generate`,
+  1.05x with refill and compile in bf16, slower compiled in float32. A 135M model's decode step on CPU
+  is bound by per-operator overhead, not by the cache or padding, so it stays an option.
 - `VLLMEngine` (optional, CUDA): vLLM serving the base with the opponent's LoRA adapter, saved per call.
 
 On CUDA out of memory a unit is retried with half the rows at a time, with a warning.

@@ -189,12 +189,13 @@ class SamplingSettings:
         max_new_tokens: the longest response generated.
         batch_size: prompts generated at once (also for evaluation's greedy answers); on CUDA out of
             memory it is halved for the rest of the run, with a warning.
-        engine: how (`generation.make_engine`): `static`, our decode loop over a pre-allocated KV cache
-            that refills a finished row with a waiting prompt (default: ~2x HF `generate` on CPU,
-            benchmarks/bench_generation.py); `hf`, transformers' `generate` (the fallback wherever
-            `static` does not apply: ZeRO-3, sliding-window or non-attention caches, flash_attention_2);
-            `vllm`, the optional vLLM engine (`pip install 'lowrank_spin[vllm]'`, CUDA) serving the base
-            with the opponent's LoRA adapter.
+        engine: how (`generation.make_engine`): `hf` (default), transformers' `generate`; `static`, our
+            decode loop over a pre-allocated KV cache that refills a finished row with a waiting prompt
+            (0.94-1.06x `hf` on CPU at batch 16, benchmarks/RESULTS.md; falls back to `hf` under ZeRO-3,
+            sliding-window or non-attention caches and flash_attention_2); `vllm`, the optional vLLM
+            engine (`pip install 'lowrank_spin[vllm]'`, CUDA) serving the base with the opponent's LoRA
+            adapter. On a CPU a larger `batch_size` pays more than any engine (1.8x new tokens/s at 64
+            vs 16 for SmolLM2-135M, benchmarks/RESULTS.md).
         prompts_per_flush: prompts generated and written to the progress file together, and seeded
             together: a killed run loses at most this many (default `batch_size`). The `static` engine
             refills rows only within it, so a few batches' worth (e.g. 4 x batch_size) keep its rows full.
@@ -208,7 +209,7 @@ class SamplingSettings:
     top_p: float = 1.0
     max_new_tokens: int = 128
     batch_size: int = 16
-    engine: str = "static"
+    engine: str = "hf"
     prompts_per_flush: int | None = None
     compile: bool = False
     vllm_gpu_memory_utilization: float = 0.3

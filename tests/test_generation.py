@@ -179,14 +179,16 @@ def test_static_engine_greedy_equals_hf_generate(tiny_model_dir, tokenizer, engi
 def test_static_engine_falls_back_to_hf_where_it_does_not_apply(tiny_model_dir, tokenizer):
     model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
     assert generation.static_unsupported(model, 100) is None
-    assert isinstance(generation.make_engine(model, tokenizer, SamplingSettings()), generation.StaticEngine)
+    static = SamplingSettings(engine="static")
+    assert isinstance(generation.make_engine(model, tokenizer, SamplingSettings()), generation.HFEngine)  # default
+    assert isinstance(generation.make_engine(model, tokenizer, static), generation.StaticEngine)
     config = model.get_base_model().config
     config.sliding_window, config.use_sliding_window = 32, True
     assert "sliding window" in generation.static_unsupported(model, 100)
     engine = generation.make_engine(model, tokenizer, SamplingSettings(engine="static"), longest_prompt=90)
     assert isinstance(engine, generation.HFEngine)
     config.sliding_window = None
-    assert isinstance(generation.make_engine(model, tokenizer, SamplingSettings(), zero3=True), generation.HFEngine)
+    assert isinstance(generation.make_engine(model, tokenizer, static, zero3=True), generation.HFEngine)
 
 
 @pytest.mark.parametrize("engine", ["hf", "static"])

@@ -76,6 +76,7 @@ class SelfPlayCLI(LightningCLI):
                 "step_checkpoint.save_last": False,
                 "step_checkpoint.save_top_k": 1,
                 "step_checkpoint.filename": "step-{step}",
+                "step_checkpoint.auto_insert_metric_name": False,  # step-96.ckpt, not step-step=96.ckpt
                 "trainer.reload_dataloaders_every_n_epochs": 1,
             }
         )

@@ -55,3 +55,30 @@ epochs = [float(r["time/train_epoch_seconds"]) for r in rows if r.get("time/trai
 print(f"generation tokens/s per iteration: {[round(g) for g in gen]}; training epoch seconds: {[round(e, 1) for e in epochs]}")
 PY
 echo "total $(( $(date +%s) - start )) s; summary in $OUT/summary.txt"
+
+echo "== 5. generation engines on the GPU: HF generate vs vLLM (when installed), the embedded default"
+"$PY" - <<'PY' 2>&1 | tail -6 | tee -a "$OUT/summary.txt"
+import dataclasses, importlib.util, time, torch
+from lowrank_spin import models
+from lowrank_spin.data.chat import render_prompt
+from lowrank_spin.embedded import task
+from lowrank_spin.generation import generate_responses
+from lowrank_spin.settings import SamplingSettings
+
+path = models.resolve_model_path(models.SMOLLM2)
+tokenizer = models.load_tokenizer(path)
+model = models.attach_lora(models.load_base_model(path, dtype="bfloat16").cuda())
+models.snapshot_opponent(model)
+prompts = [render_prompt(tokenizer, p.prompt) for p in task.make_splits(256, 0, 0, seed=0)["train"]]
+base = SamplingSettings(batch_size=64, max_new_tokens=96)
+engines = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+with models.opponent(model):
+    for engine in engines:
+        generate_responses(model, tokenizer, prompts[:8], dataclasses.replace(base, engine=engine), seed=1)  # warm-up
+        torch.cuda.synchronize(); t = time.time()
+        out, stats = generate_responses(model, tokenizer, prompts, dataclasses.replace(base, engine=engine), seed=0)
+        torch.cuda.synchronize()
+        print(f"{engine}: {stats['tokens_per_second']:.0f} new tokens/s over {len(prompts)} prompts ({time.time() - t:.1f} s)")
+if len(engines) == 1:
+    print("vllm: not installed (pip install -e '.[vllm]'), not measured")
+PY

@@ -185,6 +185,7 @@ def test_broken_files_found_at_resume_are_named_and_the_run_recovers(tmp_path, c
     )
     assert killed.returncode == -9
     [step_checkpoint] = (run / "checkpoints").glob("step-*.ckpt")
+    assert step_checkpoint.name == "step-6.ckpt"
     step_checkpoint.write_bytes(step_checkpoint.read_bytes()[: step_checkpoint.stat().st_size // 2])
     synthetic = run / "iter_1" / "synthetic.jsonl"
     synthetic.write_text(synthetic.read_text()[: len(synthetic.read_text()) // 2])  # cut mid-row

@@ -115,7 +115,7 @@ class IterationBoundaries(L.Callback):
             reason = (
                 f"validation {metric} has not improved for {iteration - best} iteration(s) "
                 f"(data.evaluation.patience={settings.patience}): stopping after iteration {iteration}; "
-                f"the best is {'the initial model' if best == BEFORE else f'iteration {best}'}, in best/"
+                f"the best is {_best_name(best)}"
             )
             log.warning(reason)
             if trainer.is_global_zero:
@@ -215,6 +215,13 @@ class IterationBoundaries(L.Callback):
         log.info("eval after %s: %s", "start" if iteration == BEFORE else f"iteration {iteration}", metrics)
 
 
+def _best_name(iteration: int) -> str:
+    """What `best/` holds, in words."""
+    if iteration == BEFORE:
+        return "the initial model, before any iteration (best/ names it and holds no adapter)"
+    return f"iteration {iteration} (its adapter in best/)"
+
+
 def format_results(results: dict[int, dict], run_dir: str, logger=None) -> str:
     """The before/after table the main command ends with (the best iteration starred), and where the
     run's files are."""
@@ -227,8 +234,7 @@ def format_results(results: dict[int, dict], run_dir: str, logger=None) -> str:
         accuracy = f"{row['accuracy']:.3f}" if row.get("accuracy") is not None else "n/a"
         lines.append(f"{name:<10}{accuracy:>10}{row['nll']:>11.3f}{row['generated_tokens']:>12.1f}")
     if best:
-        which = "the initial model" if best["iteration"] == BEFORE else f"iteration {best['iteration']}"
-        lines.append(f"* best by validation {best['metric']}: {which} (its adapter in best/)")
+        lines.append(f"* best by validation {best['metric']}: {_best_name(best['iteration'])}")
     if (stop := RunDir(run_dir).early_stop).exists():
         lines.append(json.loads(stop.read_text())["reason"])
     lines.append(f"run directory: {os.path.abspath(run_dir)} (results.json, iter_*/ adapters and synthetic data)")

@@ -70,3 +70,15 @@ def test_best_is_marked_and_patience_stops_iterating(patience, tmp_path, cache_d
 def test_patience_on_the_test_split_is_refused(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match="would tune on the test split"):
         build_cli(fit_args(tmp_path, "--data.evaluation.split", "test", "--data.evaluation.patience", "1"))
+
+
+def test_the_initial_model_as_best_says_best_holds_no_adapter(tmp_path):
+    run_dir = RunDir(tmp_path)
+    run_dir.write_result({"iteration": -1, "accuracy": 0.5, "nll": 1.0, "generated_tokens": 10.0})
+    run_dir.write_result({"iteration": 0, "accuracy": 0.25, "nll": 0.9, "generated_tokens": 9.0})
+    run_dir.write_best(-1, {"iteration": -1, "metric": "accuracy", "value": 0.5, "split": "validation"})
+    table = callbacks.format_results(run_dir.read_results(), str(tmp_path))
+    assert (
+        "before *" in table and "the initial model, before any iteration (best/ names it and holds no adapter)" in table
+    )
+    assert [p.name for p in run_dir.best.iterdir()] == ["best.json"]

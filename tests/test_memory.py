@@ -97,29 +97,36 @@ def test_a_run_that_fits_states_its_estimate(tmp_path, cache_dir, monkeypatch, c
     assert (tmp_path / "iter_0" / "adapter_model.safetensors").exists()
 
 
-def _rss_bytes() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+# Run in a fresh interpreter: glibc's heap there is in a known state, not shaped by earlier tests.
+# 4000 tensors of 64 KB (below glibc's mmap threshold: heap memory), each followed by a small one
+# that is kept: the freed ones sit between live memory, where glibc does not give pages back itself.
+_FREED_HEAP = """
+import torch
+from lowrank_spin import memory
+
+def rss():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+
+pairs = [(torch.ones(16 * 1024), torch.ones(16)) for _ in range(4000)]
+kept = [small for _, small in pairs]
+del pairs
+before = rss()
+memory.release_freed_memory()
+print(before, rss(), len(kept))
+"""
 
 
 def test_freed_heap_memory_goes_back_to_the_os():
     """What a training step frees stays in glibc's heap (RSS) until `release_freed_memory`."""
     import ctypes
-
-    import torch
+    import subprocess
+    import sys
 
     try:
         assert ctypes.CDLL("libc.so.6").malloc_trim is not None
     except (OSError, AttributeError):
         pytest.skip("not glibc")
-    # 4000 tensors of 64 KB (below glibc's mmap threshold: heap memory), each followed by a small one
-    # that is kept: the freed ones sit between live memory, where glibc does not give pages back itself
-    pairs = [(torch.ones(16 * 1024), torch.ones(16)) for _ in range(4000)]
-    kept = [small for _, small in pairs]
-    del pairs
-    before = _rss_bytes()
-    memory.release_freed_memory()
-    assert before - _rss_bytes() > 150 * 1024**2, "the ~250 MB freed stayed resident"
-    assert len(kept) == 4000
+    done = subprocess.run([sys.executable, "-c", _FREED_HEAP], capture_output=True, text=True, check=True)
+    before, after, kept = map(int, done.stdout.split())
+    assert kept == 4000
+    assert before - after > 150 * 1024**2, f"the ~250 MB freed stayed resident ({before} -> {after} bytes)"

@@ -170,6 +170,15 @@ def available_bytes(meminfo: str | None = None) -> int | None:
     return min(available, limit) if limit else available
 
 
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS, Linux; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+    except OSError:
+        return 0
+
+
 def _cgroup_limit() -> int | None:
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
@@ -182,11 +191,12 @@ def _cgroup_limit() -> int | None:
     return None
 
 
-def peak_memory_errors(estimate: PeakEstimate, available: int | None, processes: int = 1) -> list[str]:
+def peak_memory_errors(estimate: PeakEstimate, available: int | None, processes: int = 1, in_use: int = 0) -> list[str]:
     """The config error of a run of `processes` processes on this machine, each expected to peak at
-    `estimate`, when together they need more than `available` bytes (empty when they fit or the
-    machine's memory is unknown), naming the settings that lower the estimate most."""
-    if available is None or processes * estimate.total <= available:
+    `estimate` and each already holding `in_use` bytes (the model loaded: no longer in `available`),
+    when together they need more than `available` bytes more (empty when they fit or the machine's
+    memory is unknown), naming the settings that lower the estimate most."""
+    if available is None or processes * max(estimate.total - in_use, 0) <= available:
         return []
     levers = []
     if estimate.weights > estimate.total / 4:
@@ -199,7 +209,8 @@ def peak_memory_errors(estimate: PeakEstimate, available: int | None, processes:
     return [
         f"memory: this run is expected to peak at {estimate.describe()}"
         + (f" in each of {processes} processes" if processes > 1 else "")
-        + f", more than the "
+        + (f", {in_use / GIB:.1f} GB of it already in use" if in_use else "")
+        + f"; that is more than the "
         f"{available / GIB:.1f} GB this machine has available; lower it with {', '.join(levers)} "
-        "(or check anyway with LOWRANK_SPIN_SKIP_MEMORY_CHECK=1)"
+        "(or run anyway with LOWRANK_SPIN_SKIP_MEMORY_CHECK=1)"
     ]

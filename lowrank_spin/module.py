@@ -225,7 +225,7 @@ class SelfPlayLoRA(L.LightningModule):
         processes = self.trainer.num_devices  # CPU processes share this machine's memory
         if rank_zero_only.rank == 0:
             print(f"memory: expected peak {estimate.describe()}", flush=True)
-        errors = memory.peak_memory_errors(estimate, memory.available_bytes(), processes)
+        errors = memory.peak_memory_errors(estimate, memory.available_bytes(), processes, memory.resident_bytes())
         if errors and os.environ.get("LOWRANK_SPIN_SKIP_MEMORY_CHECK") != "1":
             raise RunStopped(errors[0])
 

@@ -76,6 +76,8 @@ def test_the_error_names_the_levers_and_the_numbers():
     assert "data.batch_size" in error and "model.gradient_checkpointing" in error
     (error,) = memory.peak_memory_errors(estimate, 10 * GIB, processes=2)  # 2 CPU processes: 12 GB
     assert "in each of 2 processes" in error
+    # what each process already holds (the model loaded) is no longer in `available`: 2 x (6 - 2) = 8 GB fit
+    assert memory.peak_memory_errors(estimate, 10 * GIB, processes=2, in_use=2 * GIB) == []
 
 
 def test_a_run_that_would_not_fit_stops_before_generating(tmp_path, cache_dir, monkeypatch, capsys):

@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache
 
 from lowrank_spin import models
 from lowrank_spin.faults import safe_point
-from lowrank_spin.memory import release_freed_memory
+from lowrank_spin.memory import halved_after_out_of_memory, release_freed_memory
 from lowrank_spin.settings import SamplingSettings
 from lowrank_spin.templates import end_of_turn_ids
 
@@ -158,15 +158,7 @@ def _generate_unit(engine: Engine, prompts: list[list[int]], seed: int, rows: in
         except OUT_OF_MEMORY:
             if rows == 1:
                 raise
-            rows = max(1, rows // 2)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            log.warning(
-                "CUDA out of memory while generating: retrying %d prompts at a time for the rest of the run; "
-                "set data.sampling.batch_size to %d (or lower) next time",
-                rows,
-                rows,
-            )
+            rows = halved_after_out_of_memory(rows, log, "generating", "data.sampling.batch_size")
 
 
 class Engine:

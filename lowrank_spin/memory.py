@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import logging
 from dataclasses import dataclass
 
 from lowrank_spin.settings import LoRASettings, SamplingSettings
@@ -143,13 +145,28 @@ def release_freed_memory() -> None:
         _libc().malloc_trim(0)
 
 
-_LIBC: list = []
-
-
+@functools.cache
 def _libc():
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL("libc.so.6"))
-    return _LIBC[0]
+    return ctypes.CDLL("libc.so.6")
+
+
+def halved_after_out_of_memory(size: int, log: logging.Logger, doing: str, setting: str) -> int:
+    """Call while handling a CUDA out-of-memory error of a batch of `size`: frees the CUDA cache, warns
+    on `log` naming `setting`, and returns half the size for the rest of the pass (the caller retries).
+    The caller re-raises at size 1, where there is nothing left to halve."""
+    import torch
+
+    size = max(1, size // 2)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.warning(
+        "CUDA out of memory while %s: retrying %d at a time for the rest of the pass; set %s to %d (or lower) next time",
+        doing,
+        size,
+        setting,
+        size,
+    )
+    return size
 
 
 def available_bytes(meminfo: str | None = None) -> int | None:

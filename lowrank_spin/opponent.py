@@ -17,6 +17,7 @@ import torch
 
 from lowrank_spin import batching, models
 from lowrank_spin.generation import OUT_OF_MEMORY, Generated, generate_responses
+from lowrank_spin.memory import halved_after_out_of_memory
 from lowrank_spin.settings import ObjectiveSettings, SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -137,15 +138,7 @@ class Opponent:
             except OUT_OF_MEMORY:
                 if batch_size == 1:
                     raise
-                batch_size = max(1, batch_size // 2)  # for the rest of this scoring pass
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                log.warning(
-                    "CUDA out of memory while scoring with the opponent: retrying %d examples at a time; "
-                    "set data.batch_size to %d (or lower) next time",
-                    batch_size,
-                    batch_size,
-                )
+                batch_size = halved_after_out_of_memory(batch_size, log, "scoring with the opponent", "data.batch_size")
                 continue
             for name, values in zip(responses, logps.tolist()):
                 for example, value in zip(chunk, values):

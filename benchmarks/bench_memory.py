@@ -582,32 +582,39 @@ def write_phases_report(results: dict, output: Path) -> None:
 
 # ---- --trace-fit: the main command's RSS over time, cut into phases by what it prints -------------------
 
-# (phase, pattern of an output fragment that starts it); a progress bar at n == total ends its phase
+# (phase, pattern of an output fragment that starts it); a progress bar at n == total ends its phase.
+# The training steps print no line a pipe sees (Rich's bar draws once, at the end): their start and end
+# come from the read-only PhaseProbe callback (benchmarks/spin_phase_probe.py) instead.
 TRACE_MARKERS = (
     ("model load", re.compile(r"^model\.(compute_)?dtype: ")),
     ("generation", re.compile(r"^iter \d+ generate:")),
-    ("training steps", re.compile(r"^Epoch \d+:")),
     ("evaluation: greedy answers", re.compile(r"^evaluate:")),
     ("teardown", re.compile(r"^run directory: ")),
 )
 AFTER_BAR = {
     "generation": "opponent scoring",
-    "training steps": "boundary: save adapter, held-out rewards, snapshot",
     "evaluation: greedy answers": "evaluation: gold NLL, results",
 }
+PROBE_PHASES = {"train_epoch_start": "training steps", "train_epoch_end": "boundary: save adapter, snapshot"}
 _BAR = re.compile(r"(\d+)/(\d+) \[")
+_ITERATION = re.compile(r"^iter (\d+) generate:")
 
 
 def trace_main(args) -> None:
     trace = Path(args.trace_file) if args.trace_file else Path(args.trace_fit) / "memory_trace.jsonl"
+    probe = trace.with_name("probe.jsonl")
     if args.trace_fit:
         cache = Path(os.environ.get("LOWRANK_SPIN_CACHE", Path.home() / ".cache" / "lowrank_spin"))
         script = Path(sys.executable).parent / "lowrank-spin"
         cli = [str(script)] if script.exists() else [sys.executable, "-m", "lowrank_spin.cli"]
-        command = [*cli, "fit", "--config", str(CONFIG), "--trainer.default_root_dir", args.trace_fit, *args.fit_args]
+        command = [*cli, "fit", "--config", str(CONFIG), "--trainer.default_root_dir", args.trace_fit]
+        command += ["--trainer.logger.init_args.save_dir", args.trace_fit]
+        command += ["--trainer.callbacks+=spin_phase_probe.PhaseProbe", "--trainer.callbacks.path", str(probe)]
         Path(args.trace_fit).mkdir(parents=True, exist_ok=True)
-        record_trace(command, trace, cache)
-    table = trace_phases([json.loads(line) for line in trace.read_text().splitlines()])
+        probe.unlink(missing_ok=True)
+        record_trace([*command, *args.fit_args], trace, cache)
+    events = [json.loads(line) for line in probe.read_text().splitlines()] if probe.exists() else []
+    table = trace_phases([json.loads(line) for line in trace.read_text().splitlines()], events)
     results = {"trace": str(trace), "fit_args": args.fit_args, "cpu_flags": _cpu_flags(), "phases": table}
     lines = [
         f"CPU flags: {results['cpu_flags']}; trace {trace}",
@@ -621,8 +628,9 @@ def trace_main(args) -> None:
 
 
 def record_trace(command: list[str], trace: Path, cache: Path) -> None:
-    """Run `command`; write JSON lines to `trace`: its output fragments (split on \r and \n) with their
-    arrival time, its VmRSS and its largest child's every 0.2 s, whether `cache` holds a model being built."""
+    """Run `command` (benchmarks/ on its PYTHONPATH, for the probe); write JSON lines to `trace`: its output
+    fragments (split on \\r and \\n) with their arrival time, its VmRSS and its largest child's every 0.2 s,
+    whether `cache` holds a model being built."""
     import threading
 
     out, lock, stop = open(trace, "w"), threading.Lock(), threading.Event()
@@ -633,7 +641,10 @@ def record_trace(command: list[str], trace: Path, cache: Path) -> None:
             out.flush()
 
     emit({"kind": "start", "t": time.time(), "cmd": command})
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, env=dict(os.environ, PYTHONPATH=path)
+    )
 
     def sample() -> None:
         while not stop.is_set():
@@ -672,22 +683,37 @@ def record_trace(command: list[str], trace: Path, cache: Path) -> None:
     out.close()
 
 
-def trace_phases(records: list[dict]) -> dict:
-    """Seconds and peak RSS (the process's, or its largest child's while one runs) per phase of a trace."""
+def trace_phases(records: list[dict], events: list[dict] = ()) -> dict:
+    """Seconds and peak RSS (the process's, or its largest child's while one runs) per phase of a trace,
+    per iteration: generation and scoring carry the iteration they generate for, training the one it
+    trains, an evaluation the last iteration trained before it ("before training" if none)."""
     start = next(r for r in records if r["kind"] == "start")
     # a trace still being written (or of a killed run) ends at its last record, without ru_maxrss
     end = next((r for r in records if r["kind"] == "end"), {"t": records[-1]["t"], "ru_maxrss_kib": 0})
-    changes, phase = [(start["t"], "start-up: imports, CLI, data")], None
-    for r in records:
-        if r["kind"] != "out":
+    marks = [(r["t"], "out", r["text"].strip()) for r in records if r["kind"] == "out"]
+    marks += [(e["wall"], "probe", e["event"]) for e in events if e["event"] in PROBE_PHASES]
+    changes, phase, iteration, trained = [(start["t"], "start-up: imports, CLI, data")], None, None, None
+    for t, kind, text in sorted(marks, key=lambda m: m[0]):
+        if kind == "probe":
+            new = PROBE_PHASES[text]
+            trained = iteration if text == "train_epoch_end" else trained
+        else:
+            new = next((name for name, pattern in TRACE_MARKERS if pattern.search(text)), None)
+            if found := _ITERATION.search(text):
+                iteration = int(found.group(1))
+            bar = _BAR.search(text)
+            if new and bar and int(bar.group(1)) == int(bar.group(2)) and new in AFTER_BAR:
+                new = AFTER_BAR[new]
+            if phase in AFTER_BAR.values() and new in AFTER_BAR and AFTER_BAR[new] == phase:
+                continue  # the finished bar printed again
+        if new is None:
             continue
-        text = r["text"].strip()
-        new = next((name for name, pattern in TRACE_MARKERS if pattern.search(text)), None)
-        bar = _BAR.search(text)
-        if new and bar and int(bar.group(1)) == int(bar.group(2)) and new in AFTER_BAR:
-            new = AFTER_BAR[new]
-        if new and new != phase and not (phase in AFTER_BAR.values() and new in AFTER_BAR and AFTER_BAR[new] == phase):
-            changes.append((r["t"], new))
+        if new.startswith("evaluation"):
+            new += ", before training" if trained is None else f", after iteration {trained}"
+        elif new != "teardown" and new != "model load" and iteration is not None:
+            new += f", iteration {iteration}"
+        if new != phase:
+            changes.append((t, new))
             phase = new
     rows: dict[str, dict] = {}
     samples = [r for r in records if r["kind"] == "rss" and r["kib"]]

@@ -48,3 +48,35 @@ def test_every_iteration_restarts_its_schedule_and_optimizer(tmp_path, cache_dir
     assert [lr for it, lr in lrs if it == 1] == pytest.approx(expected), "iteration 1 warms up again"
     # cleared before iteration 0 (nothing to clear yet) and before iteration 1 (iteration 0's moments)
     assert cleared == ([False, True] if reset else [])
+
+
+@pytest.mark.slow
+def test_accumulated_micro_batches_step_like_whole_batches(tmp_path, monkeypatch):
+    """Micro-batches of 2 accumulated 2 at a time (as configs/smollm2_spin.yaml trains 4 x 2 to halve a
+    step's activations) take the optimizer steps, at the learning rates, of whole batches of 4."""
+    steps = {}
+    real = module_lib.SelfPlayLoRA.on_before_optimizer_step
+
+    def record(self, optimizer):
+        steps.setdefault(str(self.trainer.default_root_dir), []).append(
+            (self.iteration, optimizer.param_groups[0]["lr"])
+        )
+        return real(self, optimizer)
+
+    monkeypatch.setattr(module_lib.SelfPlayLoRA, "on_before_optimizer_step", record)
+    whole, micro = tmp_path / "whole", tmp_path / "micro"
+    run_tiny(whole, "--model.optimizer.warmup_ratio", "0.5")
+    run_tiny(
+        micro,
+        "--model.optimizer.warmup_ratio",
+        "0.5",
+        "--data.batch_size",
+        "2",
+        "--trainer.accumulate_grad_batches",
+        "2",
+    )
+    # 16 pairs: 4 optimizer steps per iteration either way, 2 of them warm-up
+    expected = [1e-3 * f for f in (0.5, 1.0, 1.0, 0.5)] * 2
+    for run, message in ((whole, "batches of 4"), (micro, "one optimizer step per 2 micro-batches, same schedule")):
+        assert [it for it, _ in steps[str(run)]] == [0] * 4 + [1] * 4, message
+        assert [lr for _, lr in steps[str(run)]] == pytest.approx(expected), message

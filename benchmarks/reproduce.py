@@ -126,13 +126,19 @@ def stamp(name: str, command: list[str], started: datetime.datetime) -> None:
     path = RESULTS / f"{name}.json"
     results = json.loads(path.read_text())
     results["reproduce"] = {
-        "commit": git("rev-parse", "--short", "HEAD")
-        + ("+changes" if git("status", "--porcelain", "--", "lowrank_spin", "benchmarks", "configs") else ""),
+        "commit": code_commit(),
         "started": started.isoformat(timespec="seconds"),
         "command": shlex.join(["python", *command[1:]] if command[0] == sys.executable else command),
         "cpu_flags": cpu_flags(),
     }
     path.write_text(json.dumps(results, indent=1))
+
+
+def code_commit() -> str:
+    """HEAD, marked when the code that runs (the package, the configs, the benchmark scripts) has
+    uncommitted changes; results and RESULTS.md being written meanwhile do not count."""
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "lowrank_spin", "configs", "benchmarks/*.py")
+    return git("rev-parse", "--short", "HEAD") + ("+uncommitted changes" if changed else "")
 
 
 def git(*args: str) -> str:

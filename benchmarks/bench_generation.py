@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import platform
 import time
-from pathlib import Path
 
 import report
 import torch
@@ -69,7 +68,7 @@ def main() -> None:
     prompts = [render_prompt(tokenizer, p.prompt) for p in problems]
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"CPU flags: {' '.join(_cpu_flags()) or 'none of avx2/avx512f/avx512_bf16/amx'}"
+        f"CPU flags: {report.cpu_flags_text()}"
     )
     print(f"torch {torch.__version__}; {len(prompts)} prompts, batch {args.batch_size}\n")
     rows = []
@@ -109,7 +108,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
         *(_markdown(row, rows) for row in rows),
     ]
-    results = {"machine": report.machine(torch.get_num_threads()), "cpu_flags": _cpu_flags(), "args": vars(args)}
+    results = {"machine": report.machine(torch.get_num_threads()), "cpu_flags": report.cpu_flags(), "args": vars(args)}
     report.write_results(results | {"rows": rows}, "\n".join(["", *table]), args.output)
 
 
@@ -151,15 +150,6 @@ def _markdown(row, rows) -> str:
         f"{f'{ratio:.2f}x' if ratio else '-'} | {row['seconds']:.1f} | "
         f"{row['compile_s']:.0f} | {row['mean_tokens']:.1f} | {row['finished']:.2f} | {row['logp_per_token']:.3f} |"
     )
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
 
 
 if __name__ == "__main__":

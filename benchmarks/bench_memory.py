@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import report
+import spin_cli_run
 
 from lowrank_spin.settings import AUTO, DTYPE_NAMES
 
@@ -389,7 +390,7 @@ def phases_main(args) -> None:
         },
         "dtype": args.dtype,
         "dtype_reason": reason,
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": report.cpu_flags_text(),
         "variants": {},
     }
     for chunk in args.chunk_sizes:
@@ -609,13 +610,13 @@ def trace_main(args) -> None:
         cli = [str(script)] if script.exists() else [sys.executable, "-m", "lowrank_spin.cli"]
         command = [*cli, "fit", "--config", str(CONFIG), "--trainer.default_root_dir", args.trace_fit]
         command += ["--trainer.logger.init_args.save_dir", args.trace_fit]
-        command += ["--trainer.callbacks+=spin_phase_probe.PhaseProbe", "--trainer.callbacks.path", str(probe)]
+        command += spin_cli_run.probe_args(probe)
         Path(args.trace_fit).mkdir(parents=True, exist_ok=True)
         probe.unlink(missing_ok=True)
         record_trace([*command, *args.fit_args], trace, cache)
     events = [json.loads(line) for line in probe.read_text().splitlines()] if probe.exists() else []
     table = trace_phases([json.loads(line) for line in trace.read_text().splitlines()], events)
-    results = {"trace": str(trace), "fit_args": args.fit_args, "cpu_flags": _cpu_flags(), "phases": table}
+    results = {"trace": str(trace), "fit_args": args.fit_args, "cpu_flags": report.cpu_flags_text(), "phases": table}
     lines = [
         f"CPU flags: {results['cpu_flags']}; trace {trace}",
         "",
@@ -641,9 +642,8 @@ def record_trace(command: list[str], trace: Path, cache: Path) -> None:
             out.flush()
 
     emit({"kind": "start", "t": time.time(), "cmd": command})
-    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
     child = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, env=dict(os.environ, PYTHONPATH=path)
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, env=spin_cli_run.probe_environment()
     )
 
     def sample() -> None:
@@ -761,16 +761,6 @@ def _descendants(pid: int) -> list[int]:
         found += kids
         todo += kids
     return found
-
-
-def _cpu_flags() -> str:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512f/avx512_bf16/amx"
 
 
 def _random_batch(vocab_size: int, pairs: int, seq_len: int) -> dict:

@@ -22,11 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import report
+
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results" / "targets"
 MARKERS = ("<!-- reproduce.py: begin -->", "<!-- reproduce.py: end -->")
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def commands(python: str) -> dict[str, list[tuple[str, list[str]]]]:
@@ -129,7 +130,7 @@ def stamp(name: str, command: list[str], started: datetime.datetime) -> None:
         "commit": code_commit(),
         "started": started.isoformat(timespec="seconds"),
         "command": shlex.join(["python", *command[1:]] if command[0] == sys.executable else command),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": report.cpu_flags_text(),
     }
     path.write_text(json.dumps(results, indent=1))
 
@@ -143,11 +144,6 @@ def code_commit() -> str:
 
 def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split())
-    return " ".join(f for f in FLAGS if f in flags) or "none of " + "/".join(FLAGS)
 
 
 # ---- the report --------------------------------------------------------------------------------------
@@ -226,7 +222,7 @@ def write_report() -> None:
     lines = [
         MARKERS[0],
         f"_Written by `benchmarks/reproduce.py` on {datetime.date.today().isoformat()}; CPU flags of this machine: "
-        f"{cpu_flags()}._",
+        f"{report.cpu_flags_text()}._",
         "",
     ]
     found = verdicts()

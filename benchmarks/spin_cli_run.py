@@ -39,6 +39,16 @@ def resolve_dtype(setting: str) -> tuple[str, str]:
     return dtype, reason
 
 
+def probe_args(path: Path) -> list[str]:
+    """The `fit` options that add the PhaseProbe callback, writing its events to `path`."""
+    return ["--trainer.callbacks+=spin_phase_probe.PhaseProbe", "--trainer.callbacks.path", str(path)]
+
+
+def probe_environment() -> dict[str, str]:
+    """This process's environment with benchmarks/ on PYTHONPATH, where the child finds the probe."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(BENCHMARKS), os.environ.get("PYTHONPATH")])))
+
+
 def run_fit(
     run_dir: Path,
     overrides: list[str],
@@ -72,12 +82,10 @@ def run_fit(
         str(run_dir),
         "--trainer.enable_progress_bar",
         "false",
-        "--trainer.callbacks+=spin_phase_probe.PhaseProbe",
-        "--trainer.callbacks.path",
-        str(probe_path),
+        *probe_args(probe_path),
         *overrides,
     ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(BENCHMARKS), os.environ.get("PYTHONPATH")])))
+    env = probe_environment()
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     log_path = run_dir / "child.log"

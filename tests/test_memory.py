@@ -106,15 +106,12 @@ _FREED_HEAP = """
 import torch
 from lowrank_spin import memory
 
-def rss():
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
-
 pairs = [(torch.ones(16 * 1024), torch.ones(16)) for _ in range(4000)]
 kept = [small for _, small in pairs]
 del pairs
-before = rss()
+before = memory.resident_bytes()
 memory.release_freed_memory()
-print(before, rss(), len(kept))
+print(before, memory.resident_bytes(), len(kept))
 """
 
 

@@ -587,17 +587,21 @@ def summarize(rows: list[dict], protocol: Protocol, split: str) -> list[dict]:
         arm = _arm_named(name, protocol)
         accuracies = [r["accuracy"] for r in finals if r["accuracy"] is not None]
         differences = [r.get("vs_sft") for r in finals if r.get("vs_sft") is not None]
+        nlls = [r["nll"] for r in finals]
+        sft_nll = {r["seed"]: r["nll"] for r in rows if r["arm"] == BASELINE.name and r["split"] == split}
+        nll_differences = [r["nll"] - sft_nll[r["seed"]] for r in finals if r["seed"] in sft_nll]
         entry = {
             "arm": name,
             "objective": arm.objective,
             "data_fraction": arm.fraction,
             "split": split,
             "iteration": iteration,
-            "num_examples": finals[0]["num_examples"] if finals else None,
+            "num_examples": _num_examples(protocol, finals[0]) if finals else None,
             "seeds": [r["seed"] for r in finals],
             **_spread("accuracy", accuracies),
             "accuracy_ci_per_seed": [[r["accuracy_ci_low"], r["accuracy_ci_high"]] for r in finals],
-            "nll_mean": _mean_of([r["nll"] for r in finals]),
+            **_spread("nll", nlls),
+            "nll_vs_sft_mean": None if name == BASELINE.name else _mean_of(nll_differences),
             "generated_tokens_mean": _mean_of([r["generated_tokens"] for r in finals]),
             **_spread("vs_sft", differences),
             "vs_sft_ci_per_seed": [[r["vs_sft_ci_low"], r["vs_sft_ci_high"]] for r in finals if "vs_sft" in r],
@@ -622,6 +626,14 @@ def summarize(rows: list[dict], protocol: Protocol, split: str) -> list[dict]:
         )
         summary.append(entry)
     return summary
+
+
+def _num_examples(protocol: Protocol, row: dict) -> int | None:
+    """How many problems (or, without a checker, validation rows) an evaluation scored."""
+    if row.get("num_examples") is not None:
+        return row["num_examples"]
+    path = _samples_path(protocol, row["seed"], row["arm"], row["split"], row["iteration"])
+    return len(json.loads(path.read_text())) if path.exists() else None
 
 
 def _total_steps(protocol: Protocol, seed: int, name: str) -> int | None:
@@ -685,41 +697,12 @@ def write_report(report: dict, output: Path) -> None:
 
 
 def markdown(report: dict) -> str:
-    """The report's tables: final accuracy over seeds, validation per iteration, stage 1. Returns markdown."""
+    """The report's tables: the final evaluation over seeds (accuracy where answers can be checked, else
+    gold NLL), validation per iteration, stage 1. Returns markdown."""
     protocol = report["protocol"]
     summary = report["summary"]
-    split = protocol["final_split"]
-    n = summary[0]["num_examples"] if summary else None
-    seeds = ", ".join(map(str, protocol["seeds"]))
-    lines = [
-        f"### Final accuracy on the {split} split ({n} problems; seeds {seeds}; {protocol['num_iterations']} iterations)",
-        "",
-        "| arm | data | accuracy: mean ± sd [min, max] | per seed | minus continued SFT, paired: per seed [95% CI] | pooled over seeds [95% CI] | train steps | gen. tokens | train reward margin | real drift (SPIN, nats) | logps real: it. 0 → last | logps generated: it. 0 → last |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in summary:
-        per_seed = ", ".join(_fmt(a) for a in s["accuracy_per_seed"])
-        paired = "; ".join(
-            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in zip(s["vs_sft_per_seed"], s["vs_sft_ci_per_seed"])
-        )
-        pooled = (
-            f"{s['vs_sft_pooled']:+.3f} [{s['vs_sft_pooled_ci_low']:+.3f}, {s['vs_sft_pooled_ci_high']:+.3f}]"
-            if s.get("vs_sft_pooled") is not None
-            else ""
-        )
-        accuracy = (
-            f"{_fmt(s['accuracy_mean'])} ± {_fmt(s['accuracy_sd'])} [{_fmt(s['accuracy_min'])}, {_fmt(s['accuracy_max'])}]"
-            if s["accuracy_mean"] is not None
-            else "n/a"
-        )
-        steps = ", ".join("" if x is None else str(x) for x in s["train_steps_per_seed"])
-        arm = "start (stage-1 SFT)" if s["arm"] == START else s["arm"]
-        lines.append(
-            f"| {arm} | {s['data_fraction']:.0%} | {accuracy} | {per_seed} | {paired} | {pooled} | {steps} "
-            f"| {_fmt(s['generated_tokens_mean'], 1)} | {_fmt(s['train_reward_margin_mean'])} | {_fmt(s['train_real_drift_mean'], 2)} "
-            f"| {_fmt(s['train_logps_real_first_mean'], 1)} → {_fmt(s['train_logps_real_mean'], 1)} "
-            f"| {_fmt(s['train_logps_generated_first_mean'], 1)} → {_fmt(s['train_logps_generated_mean'], 1)} |"
-        )
+    checked = any(s["accuracy_mean"] is not None for s in summary)
+    lines = _final_accuracy_table(protocol, summary) if checked else _final_nll_table(protocol, summary)
     lines += [
         "",
         "### Validation, per iteration (model selection reads these, never the test split)",
@@ -758,6 +741,73 @@ def markdown(report: dict) -> str:
         stopped = "still improving" if choice["stopped_at"] is None else str(choice["stopped_at"])
         lines.append(f"| {seed} | {nll} | {choice['iteration']} | {stopped} |")
     return "\n".join(lines) + "\n"
+
+
+def _final_accuracy_table(protocol: dict, summary: list[dict]) -> list[str]:
+    """The final table where answers are checked: accuracy over seeds, paired with continued SFT per
+    problem, per seed and pooled, and the training diagnostics."""
+    split = protocol["final_split"]
+    n = summary[0]["num_examples"] if summary else None
+    seeds = ", ".join(map(str, protocol["seeds"]))
+    lines = [
+        f"### Final accuracy on the {split} split ({n} problems; seeds {seeds}; {protocol['num_iterations']} iterations)",
+        "",
+        "| arm | data | accuracy: mean ± sd [min, max] | per seed | minus continued SFT, paired: per seed [95% CI] | pooled over seeds [95% CI] | train steps | gen. tokens | train reward margin | real drift (SPIN, nats) | logps real: it. 0 → last | logps generated: it. 0 → last |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        per_seed = ", ".join(_fmt(a) for a in s["accuracy_per_seed"])
+        paired = "; ".join(
+            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in zip(s["vs_sft_per_seed"], s["vs_sft_ci_per_seed"])
+        )
+        pooled = (
+            f"{s['vs_sft_pooled']:+.3f} [{s['vs_sft_pooled_ci_low']:+.3f}, {s['vs_sft_pooled_ci_high']:+.3f}]"
+            if s.get("vs_sft_pooled") is not None
+            else ""
+        )
+        accuracy = (
+            f"{_fmt(s['accuracy_mean'])} ± {_fmt(s['accuracy_sd'])} [{_fmt(s['accuracy_min'])}, {_fmt(s['accuracy_max'])}]"
+            if s["accuracy_mean"] is not None
+            else "n/a"
+        )
+        steps = ", ".join("" if x is None else str(x) for x in s["train_steps_per_seed"])
+        arm = "start (stage-1 SFT)" if s["arm"] == START else s["arm"]
+        lines.append(
+            f"| {arm} | {s['data_fraction']:.0%} | {accuracy} | {per_seed} | {paired} | {pooled} | {steps} "
+            f"| {_fmt(s['generated_tokens_mean'], 1)} | {_fmt(s['train_reward_margin_mean'])} | {_fmt(s['train_real_drift_mean'], 2)} "
+            f"| {_fmt(s['train_logps_real_first_mean'], 1)} → {_fmt(s['train_logps_real_mean'], 1)} "
+            f"| {_fmt(s['train_logps_generated_first_mean'], 1)} → {_fmt(s['train_logps_generated_mean'], 1)} |"
+        )
+    return lines
+
+
+def _final_nll_table(protocol: dict, summary: list[dict]) -> list[str]:
+    """The final table of a dataset without an answer checker: gold NLL per token over seeds (lower is
+    better) and held-out reward accuracy, each arm against continued SFT."""
+    n = summary[0]["num_examples"] if summary else None
+    seeds = ", ".join(map(str, protocol["seeds"]))
+    lines = [
+        f"### Final gold NLL/token on the {protocol['final_split']} split ({n} rows; seeds {seeds}; "
+        f"{protocol['num_iterations']} iterations)",
+        "",
+        "No answer checker for this dataset, so no accuracy: the arms are compared on the gold responses' NLL "
+        "per token (lower is better) and on held-out reward accuracy (how often the policy prefers the gold "
+        "response to its opponent's answer).",
+        "",
+        "| arm | data | gold NLL/token: mean ± sd [min, max] | per seed | minus continued SFT, mean over seeds | held-out reward acc. / margin | train steps | gen. tokens | train reward margin | real drift (SPIN, nats) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        nll = f"{_fmt(s['nll_mean'])} ± {_fmt(s['nll_sd'])} [{_fmt(s['nll_min'])}, {_fmt(s['nll_max'])}]"
+        versus = "" if s["nll_vs_sft_mean"] is None else f"{s['nll_vs_sft_mean']:+.3f}"
+        steps = ", ".join("" if x is None else str(x) for x in s["train_steps_per_seed"])
+        lines.append(
+            f"| {s['arm']} | {s['data_fraction']:.0%} | {nll} | {', '.join(_fmt(x) for x in s['nll_per_seed'])} "
+            f"| {versus} | {_fmt(s['reward_accuracy_mean'])} / {_fmt(s['reward_margin_mean'])} | {steps} "
+            f"| {_fmt(s['generated_tokens_mean'], 1)} | {_fmt(s['train_reward_margin_mean'])} "
+            f"| {_fmt(s['train_real_drift_mean'], 2)} |"
+        )
+    return lines
 
 
 def plot(report: dict, output: Path) -> None:

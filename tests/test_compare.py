@@ -216,3 +216,34 @@ def test_a_user_dataset_needs_validation_rows(tmp_path):
             fit=calls.append,
         )
     assert calls == []
+
+
+@pytest.mark.slow
+def test_a_user_chat_dataset_runs_the_protocol_on_its_validation_rows(tmp_path, capsys):
+    """The same command on a user's chat JSONL: no test split and no answer checker, so every arm is
+    scored on its held-out validation rows by gold NLL, and the report says which split it used."""
+    output = tmp_path / "user"
+    compare.main(
+        ["--config", TINY, "--output", str(output), "--arms", "sft", "spin", "--fraction_arms"]
+        + ["--sft_iterations", "1", "--model.num_iterations", "1", "--data.dataset", "docs/example_chat.jsonl"]
+        + [
+            "--data.val_fraction",
+            "0.25",
+            "--data.sampling.max_new_tokens",
+            "8",
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        fit=build_cli,
+    )
+    assert "has no test split" in capsys.readouterr().out
+    assert not (output / "seed_0" / "test").exists(), "a user dataset is never scored on a test split"
+    report = compare.load_report(output)
+    assert report["protocol"]["final_split"] == "validation"
+    sft, spin = (next(s for s in report["summary"] if s["arm"] == arm) for arm in ("sft_100pct", "spin_100pct"))
+    assert spin["split"] == "validation" and spin["num_examples"] == 6  # 25% of the 24 rows
+    assert spin["accuracy_mean"] is None, "no checker, so no accuracy"
+    assert spin["nll_vs_sft_mean"] == pytest.approx(spin["nll_mean"] - sft["nll_mean"])
+    table = (output / "comparison.md").read_text()
+    assert "Final gold NLL/token on the validation split (6 rows; seeds 0; 1 iterations)" in table
+    assert f"| spin_100pct | 100% | {spin['nll_mean']:.3f} ± " in table and "Final accuracy" not in table

@@ -61,6 +61,9 @@ POINTS = {
         "iteration 1 also on iteration 0's pairs",
     ),
     "tspin_alpha0.1": Point(("--model.objective.tspin_alpha=0.1",), ("sft", "tspin"), STAGE1_SFT, "T-SPIN α 0.1"),
+    "tspin_length_norm": Point(
+        ("--model.objective.length_normalize=true",), ("sft", "tspin"), STAGE1_SFT, "T-SPIN on mean token log-probs"
+    ),
     "lr1e-4": Point(("--model.optimizer.learning_rate=1.0e-4",), ("sft", "spin"), STAGE1, "stage 2 lr 1e-4"),
     "epochs2": Point(("--model.epochs_per_iteration=2",), ("sft", "spin"), STAGE1, "2 epochs per iteration"),
 }

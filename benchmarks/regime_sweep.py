@@ -2,7 +2,7 @@
 
     python benchmarks/regime_sweep.py --base runs/compare_smollm2 --output runs/sweep
     python benchmarks/regime_sweep.py --base runs/compare_smollm2 --output runs/sweep --points n256 spin_nll1
-    python benchmarks/regime_sweep.py --output runs/sweep --test spin_nll1   # once, after choosing on validation
+    python benchmarks/regime_sweep.py --base runs/compare_smollm2 --output runs/sweep --test spin_keep_prev
 
 Each point is one `lowrank-spin compare --config <--config> --seeds 0 --no-test` run
 into `<output>/<point>/` with the point's overrides, evaluated on the validation split only, after the
@@ -16,7 +16,8 @@ evaluated after every iteration. Points run in the order given; a finished point
 The table (`<output>/sweep.md`, printed) holds every point that finished, winners and losers alike:
 validation accuracy of each arm and its paired difference against the same point's continued SFT.
 Settings are chosen on it; `--test POINT` then evaluates that point's final adapters on the test
-split, once (`compare` without `--no-test`, reusing every finished run).
+split, once (`compare` without `--no-test`, reusing every finished run, and the base's test scores of
+the runs the point copied).
 """
 
 from __future__ import annotations
@@ -77,28 +78,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", nargs="+", choices=list(POINTS), default=list(POINTS))
     parser.add_argument("--test", choices=list(POINTS), help="evaluate this (finished) point on the test split")
     args = parser.parse_args(argv)
-    if args.test:
-        compare(args.config, args.output / args.test, POINTS[args.test], test=True)
-        return
-    for name in args.points:
+    names = [args.test] if args.test else args.points
+    for name in names:
         point, folder = POINTS[name], args.output / name
         if point.reuse:
             if args.base is None:
                 parser.error(f"--base: point {name!r} reuses {', '.join(point.reuse)} of a finished compare")
-            seed_from_base(args.base / f"seed_{SEED}", folder / f"seed_{SEED}", point.reuse)
-        compare(args.config, folder, point, test=False)
+            seed_from_base(args.base / f"seed_{SEED}", folder / f"seed_{SEED}", point.reuse, test=bool(args.test))
+        compare(args.config, folder, point, test=bool(args.test))
+    if args.test:
+        return
     table = sweep_table(args.output, args.points)
     (args.output / "sweep.md").write_text(table)
     print(table)
 
 
-def seed_from_base(base: Path, seed_dir: Path, runs: tuple[str, ...]) -> None:
-    """Copy finished runs of the base's seed into a point's seed folder (once)."""
+def seed_from_base(base: Path, seed_dir: Path, runs: tuple[str, ...], test: bool) -> None:
+    """Copy finished runs of the base's seed into a point's seed folder (once); with `test`, also their
+    test evaluations (and the start's, where stage 1 is reused), so only the point's own arms are scored."""
     for name in runs:
         if not (base / name / "results.json").exists():
             sys.exit(f"--base: {base / name} is not a finished run")
         if not (seed_dir / name).exists():
             shutil.copytree(base / name, seed_dir / name)
+    if test:
+        evaluated = ["start" if name == "stage1_sft" else name for name in runs]
+        for name in evaluated:
+            source, target = base / "test" / name, seed_dir / "test" / name
+            if (source / "results.json").exists() and not target.exists():
+                shutil.copytree(source, target)
 
 
 def compare(config: str, folder: Path, point: Point, test: bool) -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/regime_sweep.py --base runs/compare_smollm2 --output runs/sweep
     python benchmarks/regime_sweep.py --base runs/compare_smollm2 --output runs/sweep --points n256 spin_nll1
-    python benchmarks/regime_sweep.py --base runs/compare_smollm2 --output runs/sweep --test spin_keep_prev
+    python benchmarks/regime_sweep.py --base runs/compare_smollm2 --output runs/sweep --test epochs2
 
 Each point is one `lowrank-spin compare --config <--config> --seeds 0 --no-test` run
 into `<output>/<point>/` with the point's overrides, evaluated on the validation split only, after the

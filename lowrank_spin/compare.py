@@ -588,7 +588,8 @@ def summarize(rows: list[dict], protocol: Protocol, split: str) -> list[dict]:
         accuracies = [r["accuracy"] for r in finals if r["accuracy"] is not None]
         differences = [r.get("vs_sft") for r in finals if r.get("vs_sft") is not None]
         nlls = [r["nll"] for r in finals]
-        sft_nll = {r["seed"]: r["nll"] for r in rows if r["arm"] == BASELINE.name and r["split"] == split}
+        sft_finals = [r for r in rows if r["arm"] == BASELINE.name and r["split"] == split and r["iteration"] == last]
+        sft_nll = {r["seed"]: r["nll"] for r in sft_finals}
         nll_differences = [r["nll"] - sft_nll[r["seed"]] for r in finals if r["seed"] in sft_nll]
         entry = {
             "arm": name,

@@ -579,6 +579,11 @@ def summarize(rows: list[dict], protocol: Protocol, split: str) -> list[dict]:
     training steps per seed; and the diagnostics of the final iteration, averaged over seeds."""
     last = protocol.num_iterations - 1
     names = ([START] if split == "test" else []) + [arm.name for arm in protocol.arms]
+    sft_nll = {  # continued SFT's final gold NLL per seed: what the NLL differences are against
+        r["seed"]: r["nll"]
+        for r in rows
+        if r["arm"] == BASELINE.name and r["split"] == split and r["iteration"] == last
+    }
     summary = []
     for name in names:
         iteration = "before" if name == START else last
@@ -588,8 +593,6 @@ def summarize(rows: list[dict], protocol: Protocol, split: str) -> list[dict]:
         accuracies = [r["accuracy"] for r in finals if r["accuracy"] is not None]
         differences = [r.get("vs_sft") for r in finals if r.get("vs_sft") is not None]
         nlls = [r["nll"] for r in finals]
-        sft_finals = [r for r in rows if r["arm"] == BASELINE.name and r["split"] == split and r["iteration"] == last]
-        sft_nll = {r["seed"]: r["nll"] for r in sft_finals}
         nll_differences = [r["nll"] - sft_nll[r["seed"]] for r in finals if r["seed"] in sft_nll]
         entry = {
             "arm": name,

@@ -5,8 +5,7 @@
 1. peak: `torch.matmul` of two n x n matrices (n = 2048) in bf16 and in fp32, best of `--peak-repeats`
    timed loops; 2 n^3 FLOPs per matmul.
 2. our training step, as `SelfPlayLoRA.training_step` runs it with precomputed opponent log-probs:
-   SmolLM2-135M-Instruct with a `--dtype` base (default `auto`: bf16 where this CPU has native bf16,
-   else float32, see `models.choose_dtype`) and LoRA r=16 on every linear layer, `--pairs` (real,
+   SmolLM2-135M-Instruct with a `--dtype` base (`report.resolve_dtype`) and LoRA r=16 on every linear layer, `--pairs` (real,
    generated) pairs of math prompts, `batching.response_logps` -> `losses.spin_loss`, backward, AdamW.
    Both batch layouts, side by side on the same pairs: `rows` (one row per response,
    `batching.Collator`) and `shared` (the prompt once per pair, `batching.SharedPromptCollator`, the default). The "generated"
@@ -19,12 +18,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import report
 import torch
@@ -35,31 +31,25 @@ from lowrank_spin.batching import Collator, SharedPromptCollator, response_logps
 from lowrank_spin.data.chat import render_prompt, response_ids
 from lowrank_spin.embedded import task
 from lowrank_spin.losses import spin_loss
-from lowrank_spin.settings import AUTO, DTYPE_NAMES
+from lowrank_spin.settings import DTYPE_NAMES
 
 LAYOUTS = {"rows": Collator, "shared": SharedPromptCollator}
 PEAK_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}  # results["peak"] keys
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = report.parser(__doc__, output="benchmarks/results/flops.json")
     parser.add_argument("--model", default=models.SMOLLM2)
-    parser.add_argument(
-        "--dtype", default=AUTO, choices=[AUTO, *DTYPE_NAMES], help="of the base; auto: models.choose_dtype"
-    )
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--peak-repeats", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--output", default="benchmarks/results/flops.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    dtype, reason = models.choose_dtype(args.dtype, "cpu")
-    print(f"dtype: {dtype} ({reason})", flush=True)
+    dtype, reason = report.resolve_dtype(args.dtype)
     results = {"machine": report.machine(args.threads), "settings": vars(args), "dtype": dtype, "dtype_reason": reason}
     peak_dtypes = {"bfloat16", "float32", dtype}
     results["peak"] = {
@@ -86,7 +76,7 @@ def main() -> None:
         "step_s": rows["median_step_s"] / shared["median_step_s"],
         "flops": rows["flops"] / shared["flops"],
     }
-    write_report(results, Path(args.output))
+    write_report(results, args.output)
 
 
 def measure_step(model, optimizer, batch: dict, args, peak: dict, peak_name: str) -> dict:
@@ -162,19 +152,18 @@ def train_step(model, optimizer, batch, opponent, step: bool = True) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def write_report(results: dict, output: Path) -> None:
+def write_report(results: dict, output: str) -> None:
     peak, steps = results["peak"], results["training_step"]
     dtype = PEAK_NAMES[results["dtype"]]
     other = "fp32" if dtype == "bf16" else "bf16"
-    lines = [
-        f"base dtype: {results['dtype']} ({results['dtype_reason']})",
-        "",
-        "| measurement | rows (one per response) | shared (prompt once per pair) |",
-        "|---|---|---|",
-        f"| bf16 / fp32 matmul peak ({peak['bf16']['n']}^2) | {peak['bf16']['tflops'] * 1e3:.0f} / {peak['fp32']['tflops'] * 1e3:.0f} GFLOP/s | |",
-    ]
-    row = lambda label, fmt: f"| {label} | " + " | ".join(fmt(steps[k]) for k in LAYOUTS) + " |"
-    lines += [
+    ratio = results["rows_over_shared"]
+    row = lambda label, fmt: [label, *(fmt(steps[k]) for k in LAYOUTS)]
+    rows = [
+        [
+            f"bf16 / fp32 matmul peak ({peak['bf16']['n']}^2)",
+            f"{peak['bf16']['tflops'] * 1e3:.0f} / {peak['fp32']['tflops'] * 1e3:.0f} GFLOP/s",
+            "",
+        ],
         row("batch", lambda s: f"{s['rows']} rows x {s['padded_length']} tokens"),
         row("FLOPs per step", lambda s: f"{s['flops'] / 1e12:.2f} TFLOP"),
         row("median step", lambda s: f"{s['median_step_s']:.2f} s"),
@@ -183,8 +172,10 @@ def write_report(results: dict, output: Path) -> None:
             f"**fraction of the {dtype} peak**",
             lambda s: f"**{s['fraction_of_dtype_peak']:.1%}** ({other} peak: {s[f'fraction_of_{other}_peak']:.1%})",
         ),
-        f"| step time rows / shared | **{results['rows_over_shared']['step_s']:.2f}x** (FLOPs {results['rows_over_shared']['flops']:.2f}x) | |",
+        ["step time rows / shared", f"**{ratio['step_s']:.2f}x** (FLOPs {ratio['flops']:.2f}x)", ""],
     ]
+    header = ["measurement", "rows (one per response)", "shared (prompt once per pair)"]
+    lines = [f"base dtype: {results['dtype']} ({results['dtype_reason']})", "", *report.table(header, rows)]
     report.write_results(results, "\n".join(lines), output)
 
 

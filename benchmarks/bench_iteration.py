@@ -9,19 +9,17 @@
    package does) vs logits for every position (the plain `model(...).logits`): seconds per epoch
 
 Both sides of each comparison run on the same model, prompts and settings, back to back, and the
-ratio is printed. Timings are wall-clock on whatever machine runs this; record the machine. The base
-runs in `--dtype` (default `auto`: bf16 where this CPU has native bf16, else float32, see
-`models.choose_dtype`; with `--load-in-4bit` it is the compute dtype); the choice is printed and recorded.
+ratio is printed. Timings are wall-clock on whatever machine runs this (recorded). The base runs in `--dtype`
+(`report.resolve_dtype`; with `--load-in-4bit` it is the compute dtype).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import platform
 import time
 
+import report
 import torch
 
 from lowrank_spin import models
@@ -30,19 +28,13 @@ from lowrank_spin.data.chat import render_prompt, response_ids
 from lowrank_spin.embedded import task
 from lowrank_spin.generation import generate_responses
 from lowrank_spin.losses import spin_loss
-from lowrank_spin.settings import AUTO, DTYPE_NAMES, SamplingSettings
+from lowrank_spin.settings import SamplingSettings
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = report.parser(__doc__, output=None, threads=False)
     parser.add_argument("--model", default=models.SMOLLM2)
-    parser.add_argument("--load-in-4bit", action="store_true")
-    parser.add_argument(
-        "--dtype",
-        default=AUTO,
-        choices=[AUTO, *DTYPE_NAMES],
-        help="of the base (the compute dtype with --load-in-4bit)",
-    )
+    parser.add_argument("--load-in-4bit", action="store_true", help="an nf4 base, computing in --dtype")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -52,14 +44,13 @@ def main() -> None:
 
     path = models.resolve_model_path(args.model)
     tokenizer = models.load_tokenizer(path)
-    dtype, reason = models.choose_dtype(args.dtype, "cpu")
-    print(f"dtype: {dtype} ({reason})", flush=True)
+    dtype, reason = report.resolve_dtype(args.dtype)
     base = models.load_base_model(path, load_in_4bit=args.load_in_4bit, dtype=dtype, compute_dtype=dtype)
     model = models.attach_lora(base)
     problems = task.make_splits(args.num_prompts, 0, 0, seed=0)["train"]
     prompts = [render_prompt(tokenizer, p.prompt) for p in problems]
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": report.machine(torch.get_num_threads()),
         "args": vars(args),
         "dtype": dtype,
         "dtype_reason": reason,
@@ -126,7 +117,25 @@ def main() -> None:
         "speedup": epoch_full / epoch_response,
     }
     print(json.dumps(results["logits"]), flush=True)
-    print(json.dumps(results, indent=1))
+    write_report(results, args.output)
+
+
+def write_report(results: dict, output: str | None) -> None:
+    gen, opp, logits = results["generation"], results["opponent_logps"], results["logits"]
+    rows = [
+        ["generation: batched, length-sorted, KV cache vs one prompt at a time"]
+        + [f"{gen['batched_tokens_per_s']:.1f} new tok/s", f"{gen['one_at_a_time_tokens_per_s']:.1f} new tok/s"]
+        + [f"**{gen['speedup']:.1f}x**"],
+        ["training epoch, opponent log-probs precomputed vs recomputed every step"]
+        + [f"{opp['epoch_precomputed_s']:.1f} s (+{opp['scoring_once_s']:.1f} s scoring once)"]
+        + [f"{opp['epoch_on_the_fly_s']:.1f} s", f"{opp['epoch_ratio_on_the_fly_over_precomputed']:.2f}x"],
+        ["training epoch, response logits vs logits for every position"]
+        + [f"{logits['epoch_response_logits_s']:.1f} s", f"{logits['epoch_full_logits_s']:.1f} s"]
+        + [f"{logits['speedup']:.2f}x"],
+    ]
+    lines = [f"dtype: {results['dtype']} ({results['dtype_reason']})", ""]
+    lines += report.table(["comparison", "ours", "alternative", "ratio"], rows)
+    report.write_results(results, "\n".join(lines), output)
 
 
 @torch.no_grad()

@@ -4,12 +4,11 @@
     .venv/bin/python benchmarks/bench_scaling.py --num-prompts 64 --iterations 3 --output benchmarks/results/scaling_iterations.json
 
 `configs/smollm2_spin_bf16.yaml` (SmolLM2-135M-Instruct, LoRA r=16 all-linear, batch 8, generation
-batch 16) with its base in `--dtype` (default `auto`: bf16 where this CPU has native bf16, else float32;
-`models.choose_dtype`, recorded in the output; `--dtype bfloat16` is the config's own) and evaluation
-off (`--data.num_val 0`), `--iterations` SPIN iterations of one
+batch 16) with its base in `--dtype` (`report.resolve_dtype`, recorded in the output; `--dtype bfloat16` is the
+config's own) and evaluation off (`--data.num_val 0`), `--iterations` SPIN iterations of one
 epoch each, one fresh `lowrank-spin fit` process per N, run one after another. Per N: wall seconds,
 seconds per prompt, the generation / opponent-scoring / training phases (metrics CSV plus the read-only
-timing callback in benchmarks/spin_phase_probe.py) and the child's peak RSS (os.wait4).
+timing callback, `report.run_fit`) and the child's peak RSS (os.wait4).
 
 With `--iterations` > 1 the same runs also show whether memory stays flat across iterations: the child's
 RSS at each iteration boundary (read in-process after scoring and after training), its peak so far, and
@@ -18,18 +17,15 @@ the maximum of the parent's 0.5 s samples of the child's VmRSS within each itera
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import report
-import spin_cli_run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = report.parser(__doc__, output="benchmarks/results/scaling.json")
     parser.add_argument("--num-prompts", nargs="+", type=int, default=[64, 128, 256, 512])
     parser.add_argument("--iterations", type=int, default=1)
     parser.add_argument(
@@ -38,16 +34,11 @@ def main() -> None:
     parser.add_argument(
         "--model", default=None, help="model.model_name_or_path (default: the config's SmolLM2-135M-Instruct)"
     )
-    parser.add_argument(
-        "--dtype", default="auto", choices=spin_cli_run.DTYPE_CHOICES, help="of the base; auto: models.choose_dtype"
-    )
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sample-every", type=float, default=0.5, help="seconds between the parent's RSS samples")
     parser.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
-    parser.add_argument("--output", default="benchmarks/results/scaling.json")
     args = parser.parse_args()
 
-    dtype, reason = spin_cli_run.resolve_dtype(args.dtype)
+    dtype, reason = report.resolve_dtype(args.dtype)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scaling."))
     results = {
         "machine": report.machine(args.threads),
@@ -59,17 +50,13 @@ def main() -> None:
     for n in args.num_prompts:
         print(f"{n} prompts, {args.iterations} iteration(s) ...", flush=True)
         overrides = [
-            "--model.num_iterations",
-            str(args.iterations),
-            "--data.num_train",
-            str(n),
-            "--data.sampling.max_new_tokens",
-            str(args.max_new_tokens),
-            "--model.dtype",
-            dtype,
+            *("--model.num_iterations", str(args.iterations)),
+            *("--data.num_train", str(n)),
+            *("--data.sampling.max_new_tokens", str(args.max_new_tokens)),
+            *("--model.dtype", dtype),
         ] + (["--model.model_name_or_path", args.model] if args.model else [])
-        run = spin_cli_run.run_fit(workdir / f"n{n}", overrides, threads=args.threads, sample_every=args.sample_every)
-        p = spin_cli_run.phases(run)
+        run = report.run_fit(workdir / f"n{n}", overrides, threads=args.threads, sample_every=args.sample_every)
+        p = report.phases(run)
         windows = _iteration_windows(run)
         for it, (lo, hi) in zip(p["iterations"], windows):
             in_window = [rss for t, rss in run["rss_samples"] if lo <= t <= hi]
@@ -91,7 +78,7 @@ def main() -> None:
         }
         results["runs"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("iterations", "command")}), flush=True)
-    write_report(results, Path(args.output))
+    write_report(results, args.output)
 
 
 def _iteration_windows(run: dict) -> list[tuple[float, float]]:
@@ -102,34 +89,37 @@ def _iteration_windows(run: dict) -> list[tuple[float, float]]:
     return list(zip(starts, ends))
 
 
-def write_report(results: dict, output: Path) -> None:
+def write_report(results: dict, output: str) -> None:
     iterations = results["settings"]["iterations"]
-    lines = [
-        f"base dtype: {results['dtype']} ({results['dtype_reason']})",
-        "",
-        f"| prompts | wall s | after load s | s per prompt{' per iteration' if iterations > 1 else ''} | generation s | scoring s | train s | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|",
+    per_prompt = "s per prompt" + (" per iteration" if iterations > 1 else "")
+    header = ["prompts", "wall s", "after load s", per_prompt, "generation s", "scoring s", "train s", "peak RSS GB"]
+    rows = [
+        [r["num_prompts"], f"{r['wall_s']:.0f}", f"{r['work_s']:.0f}", f"{r['work_s_per_prompt_iteration']:.2f}"]
+        + [f"{r['generation_s']:.0f}", f"{r['scoring_s']:.0f}", f"{r['train_s']:.0f}", f"{r['peak_rss_gb']:.2f}"]
+        for r in results["runs"]
     ]
-    for r in results["runs"]:
-        lines.append(
-            f"| {r['num_prompts']} | {r['wall_s']:.0f} | {r['work_s']:.0f} | {r['work_s_per_prompt_iteration']:.2f} | "
-            f"{r['generation_s']:.0f} | {r['scoring_s']:.0f} | {r['train_s']:.0f} | {r['peak_rss_gb']:.2f} |"
-        )
+    lines = [f"base dtype: {results['dtype']} ({results['dtype_reason']})", "", *report.table(header, rows)]
     if iterations > 1:
-        lines += [
-            "",
-            "| prompts | iteration | RSS after scoring GB | RSS after training GB | peak so far GB | max sampled RSS GB | generation s | train s |",
-            "|---|---|---|---|---|---|---|---|",
+        header = ["prompts", "iteration", "RSS after scoring GB", "RSS after training GB", "peak so far GB"]
+        header += ["max sampled RSS GB", "generation s", "train s"]
+        rows = [
+            [
+                r["num_prompts"],
+                it["iteration"],
+                f"{it['rss_after_scoring_gb']:.2f}",
+                f"{it['rss_after_training_gb']:.2f}",
+            ]
+            + [f"{it['peak_rss_so_far_gb']:.2f}", _gb(it["sampled_max_rss_gb"])]
+            + [f"{it['generation_s']:.0f}", f"{it['train_s']:.0f}"]
+            for r in results["runs"]
+            for it in r["iterations"]
         ]
-        for r in results["runs"]:
-            for it in r["iterations"]:
-                sampled = f"{it['sampled_max_rss_gb']:.2f}" if it["sampled_max_rss_gb"] is not None else "n/a"
-                lines.append(
-                    f"| {r['num_prompts']} | {it['iteration']} | {it['rss_after_scoring_gb']:.2f} | {it['rss_after_training_gb']:.2f} | "
-                    f"{it['peak_rss_so_far_gb']:.2f} | {sampled} | {it['generation_s']:.0f} | {it['train_s']:.0f} |"
-                )
-    markdown = "\n".join(lines)
-    report.write_results(results, markdown, output)
+        lines += ["", *report.table(header, rows)]
+    report.write_results(results, "\n".join(lines), output)
+
+
+def _gb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

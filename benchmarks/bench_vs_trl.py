@@ -3,20 +3,19 @@
     .venv/bin/pip install -e .[bench]    # trl==1.16.0, a benchmark-only extra
     .venv/bin/python benchmarks/bench_vs_trl.py --num-prompts 64 --output benchmarks/results/vs_trl.json
 
-Both sides: SmolLM2-135M-Instruct (`--model`) with a `--dtype` base (default `auto`: bf16 where this
-CPU has native bf16, else float32, resolved once with `models.choose_dtype` and recorded in the output)
-and LoRA r=16, alpha 32 on every linear layer; the
-same N prompts of the embedded math task (`embedded.task.make_splits(N, 0, 0)["train"]`) rendered with the
-same chat template; sampling at temperature 1 with top_k 50 (transformers' default), top_p 1 and 96 new tokens, generation batch 16; then
-1 epoch of the SPIN/DPO logistic loss with beta 0.1, real = chosen and generated = rejected, batch 8
+Both sides: SmolLM2-135M-Instruct (`--model`) with a `--dtype` base (`report.resolve_dtype`, resolved
+once and recorded in the output) and LoRA r=16, alpha 32 on every linear layer; the same N prompts of the
+embedded math task (`embedded.task.make_splits(N, 0, 0)["train"]`) rendered with the same chat template;
+sampling at temperature 1 with top_k 50 (transformers' default), top_p 1 and 96 new tokens, generation
+batch 16; then 1 epoch of the SPIN/DPO logistic loss with beta 0.1, real = chosen and generated = rejected, batch 8
 pairs, AdamW at a constant lr 5e-5, no gradient clipping, no gradient checkpointing, the same torch
 thread count; the opponent/reference is the base with adapters off (iteration 0), its log-probs
 precomputed once.
 
 - ours: the unchanged CLI for one iteration without evaluation (`--data.num_val 0`), in a subprocess,
   with `--model.optimizer.schedule constant` (the CLI's default warms up and decays linearly).
-  Phases come from the run's metrics CSV and a read-only timing callback (benchmarks/spin_cli_run.py).
-- TRL: a subprocess of this script: `model.generate` in batches of 16 with left padding, then
+  Phases come from the run's metrics CSV and a read-only timing callback (`report.run_fit`).
+- TRL: this script's worker, in a subprocess (`report.run_worker`): `model.generate` in batches of 16 with left padding, then
   `DPOTrainer(peft_config=LoraConfig(...), precompute_ref_log_probs=True, max_length=256)`.
 
 Each side's peak RSS is the child's ru_maxrss (os.wait4). Differences that remain: TRL appends EOS to
@@ -29,57 +28,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import report
-import spin_cli_run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = report.parser(__doc__, output="benchmarks/results/vs_trl.json")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument(
         "--model", default="smollm2-135m-instruct", help="an embedded model name, a hub id or a local folder"
     )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=spin_cli_run.DTYPE_CHOICES,
-        help="of the base on both sides; auto: models.choose_dtype",
-    )
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
     parser.add_argument("--order", default="ours,trl", choices=["ours,trl", "trl,ours"])
-    parser.add_argument(
-        "--trl-bf16-autocast", action="store_true", help="DPOConfig(bf16=True): CPU autocast (ours has none)"
-    )
     parser.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
-    parser.add_argument("--output", default="benchmarks/results/vs_trl.json")
-    parser.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker == "trl":
-        trl_worker(args)
+    if args.worker:
+        report.serve_worker(args.worker, trl_worker)
         return
 
-    setting = args.dtype
-    args.dtype, reason = spin_cli_run.resolve_dtype(setting)  # both sides get the resolved name
+    dtype, reason = report.resolve_dtype(args.dtype)  # both sides get the resolved name
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_vs_trl."))
     sides = {}
     for side in args.order.split(","):
         print(f"running {side} ...", flush=True)
-        sides[side] = run_ours(args, workdir / "ours") if side == "ours" else run_trl(args, workdir / "trl")
+        sides[side] = (
+            run_ours(args, dtype, workdir / "ours") if side == "ours" else run_trl(args, dtype, workdir / "trl")
+        )
         print(json.dumps(sides[side]), flush=True)
     ours, trl = sides["ours"], sides["trl"]
     results = {
         "machine": report.machine(args.threads),
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("worker")} | {"dtype": setting},
-        "dtype": args.dtype,
+        "settings": {k: v for k, v in vars(args).items() if k != "worker"},
+        "dtype": dtype,
         "dtype_reason": reason,
         "ours": ours,
         "trl": trl,
@@ -88,26 +72,20 @@ def main() -> None:
             for key in ("total_s", "work_s", "generate_s", "scoring_s", "train_s", "peak_rss_gb")
         },
     }
-    write_report(results, Path(args.output))
+    write_report(results, args.output)
 
 
-def run_ours(args, run_dir: Path) -> dict:
+def run_ours(args, dtype: str, run_dir: Path) -> dict:
     overrides = [
-        "--model.num_iterations",
-        "1",
-        "--data.num_train",
-        str(args.num_prompts),
-        "--data.sampling.max_new_tokens",
-        str(args.max_new_tokens),
-        "--model.model_name_or_path",
-        args.model,
-        "--model.dtype",
-        args.dtype,
-        "--model.optimizer.schedule",
-        "constant",  # as TRL's lr_scheduler_type="constant" below
+        *("--model.num_iterations", "1"),
+        *("--data.num_train", str(args.num_prompts)),
+        *("--data.sampling.max_new_tokens", str(args.max_new_tokens)),
+        *("--model.model_name_or_path", args.model),
+        *("--model.dtype", dtype),
+        *("--model.optimizer.schedule", "constant"),  # as TRL's lr_scheduler_type="constant" below
     ]
-    run = spin_cli_run.run_fit(run_dir, overrides, threads=args.threads)
-    p = spin_cli_run.phases(run)
+    run = report.run_fit(run_dir, overrides, threads=args.threads)
+    p = report.phases(run)
     (it,) = p["iterations"]
     return {
         "startup_s": p["startup_s"],
@@ -128,49 +106,16 @@ def run_ours(args, run_dir: Path) -> dict:
     }
 
 
-def run_trl(args, workdir: Path) -> dict:
-    workdir.mkdir(parents=True, exist_ok=True)
-    out = workdir / "trl_worker.json"
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        "trl",
-        "--worker-output",
-        str(out),
-        "--num-prompts",
-        str(args.num_prompts),
-        "--max-new-tokens",
-        str(args.max_new_tokens),
-        "--threads",
-        str(args.threads),
-        "--workdir",
-        str(workdir),
-        "--model",
-        args.model,
-        "--dtype",
-        args.dtype,
-    ] + (["--trl-bf16-autocast"] if args.trl_bf16_autocast else [])
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
-    log_path = workdir / "child.log"
-    start = time.time()
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-    wall = time.time() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(
-            f"TRL worker failed; last lines of {log_path}:\n" + "".join(log_path.read_text().splitlines(True)[-40:])
-        )
-    result = json.loads(out.read_text())
-    result["startup_s"] = result.pop("imported_at") - start
-    result["total_s"] = wall
-    result["peak_rss_gb"] = usage.ru_maxrss / 2**20
-    return result
+def run_trl(args, dtype: str, workdir: Path) -> dict:
+    settings = {k: v for k, v in vars(args).items() if k != "worker"} | {"dtype": dtype, "workdir": str(workdir)}
+    result = report.run_worker(__file__, settings, workdir / "trl_worker", args.threads, TQDM_DISABLE="1")
+    result["startup_s"] = result.pop("imported_at") - result.pop("launch_time")
+    result["total_s"] = result.pop("wall_s")
+    return result  # with the child's peak_rss_gb
 
 
-def trl_worker(args) -> None:
-    """HF generate + TRL DPOTrainer, timed phase by phase; writes a JSON dict to --worker-output."""
+def trl_worker(args) -> dict:
+    """HF generate + TRL DPOTrainer, timed phase by phase."""
     import datasets
     import torch
     from peft import LoraConfig
@@ -189,7 +134,7 @@ def trl_worker(args) -> None:
     tokenizer = models.load_tokenizer(path)  # pad = eos when missing, as ours
     model = AutoModelForCausalLM.from_pretrained(path, dtype=models.DTYPES[args.dtype], attn_implementation="sdpa")
     load_s = time.perf_counter() - start
-    rss_after_load = spin_cli_run.rss_gb()[0]
+    rss_after_load = report.rss_gb()[0]
 
     problems = task.make_splits(args.num_prompts, 0, 0, seed=0)["train"]
     prompts = [
@@ -246,7 +191,6 @@ def trl_worker(args) -> None:
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=8,  # ours scores in batches of data.batch_size = 8
         gradient_checkpointing=False,
-        bf16=args.trl_bf16_autocast,
         use_cpu=True,
         dataloader_pin_memory=False,
         report_to="none",
@@ -276,7 +220,7 @@ def trl_worker(args) -> None:
     output = trainer.train()
     train_s = time.perf_counter() - start
     step_losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    result = {
+    return {
         "imported_at": imported_at,
         "model_load_s": load_s,
         "generate_s": generate_s,
@@ -291,10 +235,9 @@ def trl_worker(args) -> None:
         "rss_after_load_gb": rss_after_load,
         "trl_version": __import__("trl").__version__,
     }
-    Path(args.worker_output).write_text(json.dumps(result))
 
 
-def write_report(results: dict, output: Path) -> None:
+def write_report(results: dict, output: str) -> None:
     ours, trl, ratio = results["ours"], results["trl"], results["ratio_trl_over_ours"]
     rows = [
         ("start-up (imports) s", "startup_s"),
@@ -311,17 +254,17 @@ def write_report(results: dict, output: Path) -> None:
         ("RSS after load GB", "rss_after_load_gb"),
         ("peak RSS GB", "peak_rss_gb"),
     ]
+    header = [f"{results['settings']['num_prompts']} prompts", "lowrank-spin CLI", "HF generate + TRL DPOTrainer"]
+    cells = [
+        [label, _fmt(ours.get(key)), _fmt(trl.get(key)), f"{ratio[key]:.2f}x" if key in ratio else ""]
+        for label, key in rows
+    ]
     lines = [
         f"base dtype: {results['dtype']} ({results['dtype_reason']})",
         "",
-        f"| {results['settings']['num_prompts']} prompts | lowrank-spin CLI | HF generate + TRL DPOTrainer | TRL / ours |",
-        "|---|---|---|---|",
+        *report.table([*header, "TRL / ours"], cells),
     ]
-    for label, key in rows:
-        r = f"{ratio[key]:.2f}x" if key in ratio else ""
-        lines.append(f"| {label} | {_fmt(ours.get(key))} | {_fmt(trl.get(key))} | {r} |")
-    markdown = "\n".join(lines)
-    report.write_results(results, markdown, output)
+    report.write_results(results, "\n".join(lines), output)
 
 
 def _fmt(value) -> str:

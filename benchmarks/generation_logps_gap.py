@@ -9,20 +9,17 @@ over left-padded batches of 16 and scoring one forward over the shared-prompt la
 In float32 the tests find them equal to 1e-4; the gap is largest in bf16. This script measures it on
 the nf4 base with `--dtype` compute that configs/smollm2_spin.yaml uses (`--base plain`: `--dtype`
 weights, no quantisation), for the base (iteration 0: adapters off) and for an opponent adapter with
-random non-zero weights (later iterations). `--dtype auto` (the default) is what the configs choose:
-bf16 on a CPU with native bf16, else float32 (`models.choose_dtype`); `--dtype bfloat16` measures the
-bf16 gap on any CPU (slowly where bf16 is emulated). As the noise floor, the same responses are also
+random non-zero weights (later iterations). `--dtype auto` (the default, `report.resolve_dtype`) is what the
+configs choose; `--dtype bfloat16` measures the bf16 gap on any CPU (slowly where bf16 is emulated). As the noise floor, the same responses are also
 scored in the other batch layout (one row per response): bf16 scoring does not agree with itself
 across batch shapes either.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
-from pathlib import Path
 
+import report
 import torch
 
 from lowrank_spin import models
@@ -30,11 +27,13 @@ from lowrank_spin.batching import Collator, SharedPromptCollator, response_logps
 from lowrank_spin.data.chat import render_prompt
 from lowrank_spin.embedded import task
 from lowrank_spin.generation import generate_responses
-from lowrank_spin.settings import AUTO, DTYPE_NAMES, SamplingSettings
+from lowrank_spin.settings import AUTO, SamplingSettings
+
+OPPONENTS = {"base (adapters off)": True, "opponent adapter": False}  # name: adapters disabled
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = report.parser(__doc__, output=None, threads=False)
     parser.add_argument("--model", default=models.SMOLLM2)
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -46,15 +45,12 @@ def main() -> None:
         default="nf4",
         help="nf4 with --dtype compute (the configs), or plain --dtype weights; bf16: the old name of `plain --dtype bfloat16`",
     )
-    parser.add_argument("--dtype", default=AUTO, choices=[AUTO, *DTYPE_NAMES], help="auto: models.choose_dtype")
-    parser.add_argument("--output", default=None)
     args = parser.parse_args()
     if args.base == "bf16":
         if args.dtype not in (AUTO, "bfloat16"):
             parser.error(f"--base bf16 is --base plain --dtype bfloat16, not --dtype {args.dtype}")
         args.base, args.dtype = "plain", "bfloat16"
-    dtype, reason = models.choose_dtype(args.dtype, "cpu")
-    print(f"dtype: {dtype} ({reason})", flush=True)
+    dtype, reason = report.resolve_dtype(args.dtype)
 
     path = models.resolve_model_path(args.model)
     tokenizer = models.load_tokenizer(path)
@@ -68,13 +64,13 @@ def main() -> None:
     problems = task.make_splits(args.num_prompts, 0, 0, seed=0)["train"]
     prompts = [render_prompt(tokenizer, p.prompt) for p in problems]
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": report.machine(torch.get_num_threads()),
         "args": vars(args),
         "dtype": dtype,
         "dtype_reason": reason,
     }
     sampling = SamplingSettings(batch_size=16, max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=50)
-    for opponent, adapters_disabled in (("base (adapters off)", True), ("opponent adapter", False)):
+    for opponent, adapters_disabled in OPPONENTS.items():
         model.eval()
         with models.opponent(model, adapters_disabled=adapters_disabled):
             generated, _ = generate_responses(model, tokenizer, prompts, sampling, seed=0)
@@ -100,9 +96,23 @@ def main() -> None:
             }
         results[opponent] = row
         print(opponent, json.dumps(row), flush=True)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2))
+    write_report(results, args.output)
+
+
+def write_report(results: dict, output: str | None) -> None:
+    header = ["opponent", "mean log p(y')", "generation − scoring: mean abs (max), nats", "mean signed"]
+    header += ["per token", "rows vs shared scoring: mean abs"]
+    rows = []
+    for opponent in OPPONENTS:
+        r = results[opponent]
+        gap, floor = r["generation_vs_scoring"], r["scoring_rows_vs_shared"]
+        rows.append(
+            [opponent, f"{r['mean_logp']:.1f}", f"{gap['mean_abs']:.2f} ({gap['max_abs']:.2f})", f"{gap['mean']:+.2f}"]
+            + [f"{gap['mean_abs_per_token']:.4f}", f"{floor['mean_abs']:.4f}"]
+        )
+    base = "nf4 + " if results["args"]["base"] == "nf4" else ""
+    lines = [f"base: {base}{results['dtype']} ({results['dtype_reason']})", "", *report.table(header, rows)]
+    report.write_results(results, "\n".join(lines), output)
 
 
 @torch.no_grad()

@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import report
+
 SEED = 0
 
 
@@ -111,7 +113,8 @@ def seed_from_base(base: Path, seed_dir: Path, runs: tuple[str, ...], test: bool
 
 def compare(config: str, folder: Path, point: Point, test: bool) -> None:
     command = [
-        *(sys.executable, "-m", "lowrank_spin.cli", "compare"),
+        *report.cli_command(),
+        "compare",
         *("--config", config, "--seeds", str(SEED), "--output", str(folder)),
         *("--arms", *point.arms, "--fraction_arms"),
         "--test" if test else "--no-test",

@@ -20,12 +20,10 @@ import json
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import report
 
-BENCHMARKS = Path(__file__).resolve().parent
-REPO = BENCHMARKS.parent
+BENCHMARKS, REPO = report.BENCHMARKS, report.REPO
 RESULTS = BENCHMARKS / "results" / "targets"
 MARKERS = ("<!-- reproduce.py: begin -->", "<!-- reproduce.py: end -->")
 
@@ -41,14 +39,9 @@ def commands(python: str) -> dict[str, list[tuple[str, list[str]]]]:
         ],
         "generation": [
             (
-                "generation_batch16",
-                f"{bench}/bench_generation.py --num-prompts 64 --batch-size 16 --max-new-tokens 96 --dtypes auto "
-                f"--output {out}/generation_batch16.json".split(),
-            ),
-            (
-                "generation_batch64",
-                f"{bench}/bench_generation.py --num-prompts 64 --batch-size 64 --max-new-tokens 96 --dtypes auto "
-                f"--variants hf static+refill --output {out}/generation_batch64.json".split(),
+                "generation",
+                f"{bench}/bench_generation.py --num-prompts 64 --batch-sizes 16 64 --max-new-tokens 96 --dtypes auto "
+                f"--output {out}/generation.json".split(),
             ),
         ],
         "memory": [
@@ -166,19 +159,13 @@ def verdicts() -> dict[str, str]:
         lines["vs_trl"] = (
             f"TRL / ours, total wall: {ratios} (target >= 3x at 64 and 512: {'met' if met else 'not met'})"
         )
-    if gen := load("generation_batch16"):
-        hf = next(r for r in gen["rows"] if r["variant"] == "hf")
-        best = max(gen["rows"], key=lambda r: r["tokens_per_s"])
-        lines["generation"] = (
-            f"fastest at batch 16: {best['variant']} at {best['tokens_per_s'] / hf['tokens_per_s']:.2f}x HF `generate` "
-            f"(target >= 2x: {'met' if best['tokens_per_s'] >= 2 * hf['tokens_per_s'] else 'not met'})"
+    if gen := load("generation"):
+        by_batch = {r["batch_size"]: r["tokens_per_s"] for r in gen["rows"]}
+        lines["generation"] = "HF `generate`, new tokens/s: " + ", ".join(
+            f"batch {b}: {t:.1f}" for b, t in sorted(by_batch.items())
         )
-        if (big := load("generation_batch64")) and (
-            hf64 := next((r for r in big["rows"] if r["variant"] == "hf"), None)
-        ):
-            lines["generation"] += (
-                f"; HF `generate` at batch 64: {hf64['tokens_per_s'] / hf['tokens_per_s']:.2f}x batch 16"
-            )
+        if 16 in by_batch and 64 in by_batch:
+            lines["generation"] += f" (batch 64: {by_batch[64] / by_batch[16]:.2f}x batch 16)"
     memory = {name: load(f"main_command_{name}") for name in ("config", "batch8")}
     if mine := memory["config"]:
         peak = mine["phases"]["ru_maxrss_gb"]

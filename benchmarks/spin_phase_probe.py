@@ -1,4 +1,4 @@
-"""A read-only Lightning callback for benchmarks/spin_cli_run.py, loaded into the `lowrank-spin fit` child
+"""A read-only Lightning callback for `report.run_fit` and bench_memory.py --trace-fit, loaded into the `lowrank-spin fit` child
 with `--trainer.callbacks+=spin_phase_probe.PhaseProbe` (benchmarks/ on PYTHONPATH)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import time
 
 import lightning as L
-from spin_cli_run import rss_gb
+from report import rss_gb
 
 
 class PhaseProbe(L.Callback):

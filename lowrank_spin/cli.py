@@ -15,9 +15,11 @@ import errno
 import logging
 import os
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -29,7 +31,7 @@ from lowrank_spin.data import SelfPlayDataModule
 from lowrank_spin.faults import RunStopped, install_sigterm_handler
 from lowrank_spin.files import RunDir
 from lowrank_spin.module import SelfPlayLoRA
-from lowrank_spin.settings import deepspeed_errors, output_dir_errors, raise_if_any
+from lowrank_spin.settings import ConfigError, deepspeed_errors, output_dir_errors, raise_if_any
 
 USAGE = __doc__.split("\n\n")[1]
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ class SelfPlayCLI(LightningCLI):
         install_sigterm_handler()
         root = self.trainer.default_root_dir
         if kwargs.get("ckpt_path") == "last":
-            if _finished(root, model.hparams.num_iterations):
+            if RunDir(root).finished(model.hparams.num_iterations):
                 if self.trainer.is_global_zero:
                     print(f"{root}: the run is finished (its last iteration saved and evaluated); nothing to resume")
                     print(format_results(RunDir(root).read_results(), run_dir=root))
@@ -160,14 +162,6 @@ def last_good_checkpoint(directory: Path) -> str | None:
     return str(max(found)[2])
 
 
-def _finished(root: str, num_iterations: int) -> bool:
-    """Whether the run in `root` has saved and evaluated its last iteration, or stopped early."""
-    run_dir = RunDir(root)
-    last = num_iterations - 1
-    done = last in run_dir.read_results() and (run_dir.iteration(last) / "adapter_model.safetensors").exists()
-    return done or run_dir.early_stop.exists()
-
-
 def _previous_run_errors(root: str) -> list[str]:
     """A new fit never reuses or overwrites what an earlier run left in its directory."""
     found = RunDir(root).previous_run()
@@ -187,7 +181,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"usage:\n{USAGE}\n\n`lowrank-spin SUBCOMMAND --help` for the options of each.")
         return
     if args[0] == "compare":  # several `fit`s and a report; the fits come from here, so compare imports no CLI
-        compare.main(args[1:], fit=build_cli)
+        compare.main(args[1:], fit=build_cli, parse=parse_config)
     elif args[0] == "lm-eval":
         lm_eval_runner.main(args[1:])
     else:
@@ -204,6 +198,32 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> SelfPlayCLI:
         save_config_callback=SaveConfigToLoggers,
         save_config_kwargs={"overwrite": True},
     )
+
+
+def parse_config(args: list[str]) -> Namespace:
+    """The config `fit` would run for `args` (`--config FILE` and overrides): parsed and type-checked by
+    the CLI's own parser, every default from the code. Nothing is instantiated or seeded, so no model is
+    loaded. Returns the jsonargparse Namespace (`.model`, `.data`, `.trainer`); arguments the parser
+    refuses raise one ConfigError."""
+    try:
+        _ParseOnly(SelfPlayLoRA, SelfPlayDataModule, args=args, run=False, parser_kwargs={"exit_on_error": False})
+    except _Parsed as parsed:
+        return parsed.config
+    except ArgumentError as error:
+        raise ConfigError([f"the fit config or an override: {error}"]) from None
+    raise AssertionError("unreachable: _ParseOnly always raises")
+
+
+class _Parsed(Exception):
+    def __init__(self, config: Namespace):
+        self.config = config
+
+
+class _ParseOnly(SelfPlayCLI):
+    """SelfPlayCLI stopped right after parsing: LightningCLI's constructor goes on to seed and instantiate."""
+
+    def parse_arguments(self, parser, args) -> None:
+        raise _Parsed(parser.parse_args(args))
 
 
 if __name__ == "__main__":

@@ -94,6 +94,13 @@ class RunDir:
         """Written when the run stopped iterating early (`data.evaluation.patience`): why, and where."""
         return self.root / "early_stop.json"
 
+    def finished(self, num_iterations: int) -> bool:
+        """Whether the run is complete: its last iteration (of `num_iterations`) saved and evaluated, or
+        it stopped iterating early (`early_stop.json`)."""
+        last = num_iterations - 1
+        saved = (self.iteration(last) / "adapter_model.safetensors").exists()
+        return last in self.read_results() and saved or self.early_stop.exists()
+
     def read_best(self) -> dict | None:
         """The best iteration's record (`iteration`, `metric`, `value`), or None before there is one."""
         path = self.best / "best.json"

@@ -6,36 +6,27 @@ resumed generation equals an uninterrupted one; each unit is appended to a jsonl
 flushed, so a run killed mid-generation loses at most one unit. Under DDP each rank generates its share
 of the units. The engines (`sampling.engine`):
 
-- `HFEngine` (default): transformers' `generate`, left-padded, per batch; also the fallback wherever
-  `static` does not apply (DeepSpeed ZeRO-3, sliding-window or non-attention caches, flash_attention_2).
-- `StaticEngine`: our own decode loop over a pre-allocated KV cache of `batch_size` rows. A row whose
-  response ends takes the next waiting prompt of its unit (its prefill written into the row), so the
-  batch stays full instead of padding finished rows to the longest; optionally the decode step is
-  `torch.compile`d. Measured on CPU at batch 16 (benchmarks/RESULTS.md): 0.94-1.06x HF `generate`,
-  1.05x with refill and compile in bf16, slower compiled in float32. A 135M model's decode step on CPU
-  is bound by per-operator overhead, not by the cache or padding, so it stays an option.
-- `VLLMEngine` (optional, CUDA): vLLM serving the base with the opponent's LoRA adapter, saved per call.
+- `HFEngine` (default): transformers' `generate`, left-padded, per batch, drawing with our `Sampler`.
+- `vllm_engine.VLLMEngine` (optional, CUDA): vLLM serving the base with the opponent's LoRA adapter,
+  saved per call; imported only when named.
 
 On CUDA out of memory a unit is retried with half the rows at a time, with a warning.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import inspect
-import itertools
+import functools
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.cache_utils import Cache
 
 from lowrank_spin import models
 from lowrank_spin.faults import safe_point
@@ -96,7 +87,6 @@ def generate_responses(
         tokenizer,
         sampling,
         zero3=zero3,
-        longest_prompt=max((len(prompt_ids[i]) for _, unit in pending for i in unit), default=1),
         adapter_dir=Path(progress_path).with_suffix(".adapter") if progress_path else None,
     )
 
@@ -186,20 +176,16 @@ def make_engine(
     sampling: SamplingSettings,
     *,
     zero3: bool = False,
-    longest_prompt: int = 1,
     adapter_dir: Path | None = None,
 ) -> Engine:
-    """The engine `sampling.engine` names over `model`; `static` falls back to `hf`, with an info line
-    naming why, where it does not apply (`static_unsupported`). Returns the engine."""
+    """The engine `sampling.engine` names over `model` (`adapter_dir`: where vLLM's adapter is saved)."""
     stop_ids = end_of_turn_ids(tokenizer, _inner_model(model).generation_config)
     if sampling.engine == "vllm":
-        return VLLMEngine(model, tokenizer, sampling, stop_ids, adapter_dir)
-    if sampling.engine == "static":
-        reason = "DeepSpeed ZeRO-3 needs every rank to run the same forwards" if zero3 else None
-        reason = reason or static_unsupported(model, longest_prompt + sampling.max_new_tokens)
-        if reason is None:
-            return StaticEngine(model, tokenizer, sampling, stop_ids, longest_prompt)
-        log.info("data.sampling.engine static: %s; generating with hf instead", reason)
+        from lowrank_spin.vllm_engine import VLLMEngine  # optional (CUDA): imported only when named
+
+        # it sits below this module, so it is handed how drawn tokens become a `Generated`
+        respond = functools.partial(_generated, tokenizer, set(stop_ids))
+        return VLLMEngine(model, sampling, stop_ids, adapter_dir, respond)
     return HFEngine(model, tokenizer, sampling, stop_ids, synced_gpus=zero3)
 
 
@@ -228,379 +214,6 @@ class HFEngine(Engine):
 
     def session(self):
         return _without_model_logits_processors(self.model)
-
-
-class StaticEngine(Engine):
-    """Our decode loop over a KV cache allocated once per call: `rows` slots of `length` positions.
-
-    A unit's prompts wait in length order; whenever a quarter of the rows (or all) are free, the next
-    waiting prompts are prefilled together, left-padded, and written into the free rows; every step then
-    decodes one token for all rows, each at its own position. A row that ends (end of turn or
-    `max_new_tokens`) is free at once, so rows are not kept stepping until the longest one of a batch
-    ends. Sampling, stop ids and log-probs are the HF engine's (`Sampler`). The row layout is HF's own
-    (left padding, positions counted from the first real token), so greedy answers equal `generate`'s.
-    """
-
-    name = "static"
-
-    def __init__(self, model, tokenizer, sampling: SamplingSettings, stop_ids: list[int], longest_prompt: int):
-        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
-        self.stop_ids = stop_ids
-        # one length for the whole call (a multiple of 64): the compiled step sees one shape
-        self.length = -(-(longest_prompt + sampling.max_new_tokens) // 64) * 64
-        self.additive_mask = _inner_model(model).config._attn_implementation == "eager"
-        self.step = _compiled_decode_step() if sampling.compile else _decode_step
-
-    def session(self):
-        return _without_model_logits_processors(self.model)
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], seed: int, rows: int) -> list[Generated]:
-        rows = rows if self.sampling.compile else min(rows, len(prompts))  # compiled: one batch shape
-        sampler = Sampler(self.sampling.temperature, self.sampling.top_k, self.sampling.top_p)
-        device = next(self.model.parameters()).device
-        cache = SlotCache(rows, self.length, device)
-        stops = set(self.stop_ids)
-        pad_id = self.tokenizer.pad_token_id
-        waiting = collections.deque(range(len(prompts)))
-        slots: list[_Row | None] = [None] * rows
-        results: list[Generated | None] = [None] * len(prompts)
-        refill_at = max(1, rows // 4)
-
-        def take(row: int, token: int, logp: float) -> None:
-            state = slots[row]
-            state.tokens.append(token)
-            state.logp += logp
-            if token in stops or len(state.tokens) == self.sampling.max_new_tokens:
-                results[state.index] = _generated(self.tokenizer, state.tokens, state.logp, stops)
-                slots[row] = None
-
-        while waiting or any(slots):
-            free = [row for row, state in enumerate(slots) if state is None]
-            if waiting and (len(free) >= refill_at or len(free) == rows):
-                filled = free[: len(waiting)]
-                batch = [waiting.popleft() for _ in filled]
-                logits = self._prefill(cache, filled, [prompts[i] for i in batch], pad_id, device)
-                chosen, logps = _choose(sampler, logits)
-                for row, i, token, logp in zip(filled, batch, chosen, logps):
-                    slots[row] = _Row(i)
-                    take(row, token, logp)
-                continue
-            active = [row for row, state in enumerate(slots) if state is not None]
-            tokens = torch.full((rows, 1), pad_id, dtype=torch.long)
-            for row in active:
-                tokens[row, 0] = slots[row].tokens[-1]
-            write = cache.advance(active)
-            logits = self.step(self.model, cache, tokens.to(device), *cache.decode_inputs(write, self.additive_mask))
-            chosen, logps = _choose(sampler, logits)
-            for row in active:
-                take(row, chosen[row], logps[row])
-        return results
-
-    def _prefill(
-        self, cache: SlotCache, rows: list[int], prompts: list[list[int]], pad_id: int, device
-    ) -> torch.Tensor:
-        """Prompts into the cache rows `rows`, left-padded as HF pads them; the next-token logits [k, vocab]."""
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        starts = torch.tensor([width - len(p) for p in prompts])
-        for k, ids in enumerate(prompts):
-            input_ids[k, width - len(ids) :] = torch.tensor(ids)
-        cache.start_prefill(rows, starts, width)
-        positions = (torch.arange(width)[None, :] - starts[:, None]).clamp(min=0)
-        ar = torch.arange(width)
-        # causal, real tokens only; a padding query sees itself (a fully masked row would give NaN)
-        allowed = (ar[None, None, :] <= ar[None, :, None]) & (ar[None, None, :] >= starts[:, None, None])
-        allowed = (allowed | torch.eye(width, dtype=torch.bool))[:, None]
-        try:
-            out = self.model(
-                input_ids=input_ids.to(device),
-                position_ids=positions.to(device),
-                attention_mask=_mask(allowed.to(device), self.additive_mask, cache.dtype_hint(self.model)),
-                use_cache=True,
-                logits_to_keep=1,
-                **{_cache_keyword(self.model): cache},
-            )
-        finally:
-            cache.end_prefill()
-        return out.logits[:, -1]
-
-
-@dataclass
-class _Row:
-    index: int  # of the prompt in the unit
-    tokens: list[int] = field(default_factory=list)  # drawn so far
-    logp: float = 0.0  # their log-prob at temperature 1
-
-
-class SlotCache(Cache):
-    """A KV cache of `rows` rows x `length` positions, allocated on first write, in which every row is
-    at its own position: a prefill writes new prompts into some rows (and attends only to itself), a
-    decode step writes each row's new key/value at that row's own next position (`advance`)."""
-
-    def __init__(self, rows: int, length: int, device):
-        super().__init__(layers=[])
-        self.rows, self.length, self.device = rows, length, device
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.starts = torch.full((rows,), length - 1, dtype=torch.long)  # first real position per row
-        self.next = torch.full((rows,), length - 1, dtype=torch.long)  # where the row's next token goes
-        self._prefill: tuple[torch.Tensor, int] | None = None
-        self.write_index = torch.zeros(rows, dtype=torch.long, device=device)
-
-    # ---- what the driver calls ---------------------------------------------------------------------
-
-    def start_prefill(self, rows: list[int], starts: torch.Tensor, width: int) -> None:
-        """The next forward writes `width` positions of `rows`, whose real tokens begin at `starts`."""
-        index = torch.tensor(rows, dtype=torch.long)
-        self.starts[index], self.next[index] = starts, width
-        self._prefill = (index.to(self.device), width)
-
-    def end_prefill(self) -> None:
-        self._prefill = None
-
-    def advance(self, active: list[int]) -> torch.Tensor:
-        """Where this step writes (each active row at its next position, idle rows at the last one, which
-        a row overwrites before it ever attends to it); moves the active rows on. Returns the indices."""
-        write = torch.full((self.rows,), self.length - 1, dtype=torch.long)
-        if active:
-            index = torch.tensor(active, dtype=torch.long)
-            write[index] = self.next[index]
-            self.next[index] += 1
-        return write
-
-    def decode_inputs(self, write: torch.Tensor, additive: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids [rows, 1] and the attention mask [rows, 1, 1, length] of a decode step writing at `write`."""
-        idle = write == self.length - 1
-        starts = torch.where(idle, write, self.starts)
-        ar = torch.arange(self.length)
-        allowed = (ar[None, :] >= starts[:, None]) & (ar[None, :] <= write[:, None])
-        self.write_index.copy_(write)
-        positions = (write - starts)[:, None]
-        dtype = self.keys[0].dtype if self.keys else torch.float32
-        return positions.to(self.device), _mask(allowed[:, None, None].to(self.device), additive, dtype)
-
-    def dtype_hint(self, model) -> torch.dtype:
-        return self.keys[0].dtype if self.keys else next(model.parameters()).dtype
-
-    # ---- what the attention layers call ------------------------------------------------------------
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if len(self.keys) <= layer_idx:
-            rows, heads, _, dim = key_states.shape
-            self.keys.append(key_states.new_zeros(self.rows, heads, self.length, dim))
-            self.values.append(
-                value_states.new_zeros(self.rows, value_states.shape[1], self.length, value_states.shape[-1])
-            )
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self._prefill is not None:
-            rows, width = self._prefill
-            keys[rows, :, :width] = key_states
-            values[rows, :, :width] = value_states
-            return key_states, value_states
-        index = self.write_index.view(-1, 1, 1, 1)
-        keys.scatter_(2, index.expand(-1, keys.shape[1], 1, keys.shape[-1]), key_states)
-        values.scatter_(2, index.expand(-1, values.shape[1], 1, values.shape[-1]), value_states)
-        return keys, values
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # positions are given per row; nothing asks for one length
-
-    def get_max_length(self) -> int:
-        return self.length
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def _decode_step(model, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
-    """One token for every row: the next-token logits [rows, vocab]."""
-    out = model(
-        input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True, **{_cache_keyword(model): cache}
-    )
-    return out.logits[:, -1]
-
-
-_COMPILED = {}
-
-
-def _compiled_decode_step():
-    """`_decode_step` under torch.compile, made once per process (its graphs are reused across calls)."""
-    if "step" not in _COMPILED:
-        _COMPILED["step"] = torch.compile(_decode_step, dynamic=False)
-    return _COMPILED["step"]
-
-
-def _choose(sampler: Sampler, logits: torch.Tensor) -> tuple[list[int], list[float]]:
-    """Draw each row's next token; returns the tokens and their log-probs at temperature 1."""
-    logits = logits.float()
-    chosen = sampler.choose(logits)
-    logps = (logits.gather(-1, chosen) - logits.logsumexp(-1, keepdim=True)).squeeze(-1).double()
-    return chosen.squeeze(-1).tolist(), logps.tolist()
-
-
-def _mask(allowed: torch.Tensor, additive: bool, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean attention mask as sdpa takes it, or the additive float mask eager attention adds."""
-    if not additive:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-def _cache_keyword(model) -> str:
-    """transformers 5 renamed `past_key_values` to `cache` (5.2x); the name this version takes."""
-    inner = _inner_model(model)
-    if "cache" not in _CACHE_KEYWORD:
-        _CACHE_KEYWORD["cache"] = (
-            "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-        )
-    return _CACHE_KEYWORD["cache"]
-
-
-_CACHE_KEYWORD: dict[str, str] = {}
-
-
-def static_unsupported(model: torch.nn.Module, length: int) -> str | None:
-    """Why the `static` engine cannot run `model` (None when it can): it needs every layer to be full
-    attention reading the whole cache (no sliding window shorter than `length`, no recurrent state)
-    through sdpa or eager attention."""
-    config = _inner_model(model).config.get_text_config(decoder=True)
-    attention = getattr(config, "_attn_implementation", None)
-    if attention not in ("sdpa", "eager"):
-        return f"model.attn_implementation {attention} takes no per-row attention mask"
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        return f"the model has {sorted(layer_types - {'full_attention'})} layers"
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < length:
-        return f"the model attends through a sliding window ({window} < {length} positions)"
-    return None
-
-
-def _generated(tokenizer, tokens: list[int], logp: float, stops: set[int]) -> Generated:
-    """A response from its drawn tokens (the end-of-turn token last when it finished)."""
-    finished = bool(tokens) and tokens[-1] in stops
-    text_tokens = tokens[:-1] if finished else tokens
-    return Generated(tokenizer.decode(text_tokens, skip_special_tokens=True), len(text_tokens), finished, tokens, logp)
-
-
-class VLLMEngine(Engine):
-    """vLLM (optional; CUDA) serving the base with the active peft adapter of `model` as a LoRA.
-
-    The adapter (the opponent's, at this iteration) is saved to `adapter_dir` once per call and sent with
-    every request as a `LoRARequest` under a new id, so vLLM loads this iteration's weights, not a cached
-    older one; with adapters disabled (the opponent of iteration 0 without an initial adapter) the bare
-    base answers. One engine per process, on this rank's GPU: under DDP each rank serves its own units
-    (vLLM's `external_launcher` backend, as TRL's colocated mode). Each request is seeded from the unit's
-    seed and its place in the unit, so a unit is reproducible; vLLM returns the log-prob of each drawn
-    token before temperature/top-k/top-p (its default `raw_logprobs`): the temperature-1 log-prob the other
-    engines record. The model's shipped generation_config is ignored (`generation_config="vllm"`), as in
-    the other engines.
-    """
-
-    name = "vllm"
-    _ids = itertools.count(1)
-
-    def __init__(self, model, tokenizer, sampling: SamplingSettings, stop_ids: list[int], adapter_dir: Path | None):
-        try:
-            from vllm import SamplingParams
-            from vllm.lora.request import LoRARequest
-        except ImportError as err:
-            raise ImportError(
-                "data.sampling.engine: vllm needs the vllm package (pip install 'lowrank_spin[vllm]'); use static or hf"
-            ) from err
-        self.tokenizer, self.sampling, self.stop_ids = tokenizer, sampling, stop_ids
-        self._sampling_params = SamplingParams
-        inner = _inner_model(model)
-        self.llm = _vllm_llm(
-            inner.config._name_or_path,
-            str(inner.dtype).removeprefix("torch."),
-            max_lora_rank=_lora_rank(model),
-            gpu_memory_utilization=sampling.vllm_gpu_memory_utilization,
-        )
-        folder = save_active_adapter(model, adapter_dir)
-        lora_id = next(self._ids)
-        self.lora_request = None if folder is None else LoRARequest(f"adapter_{lora_id}", lora_id, str(folder))
-
-    def generate(self, prompts: list[list[int]], seed: int, rows: int) -> list[Generated]:
-        top_k = self.sampling.top_k if self.sampling.top_k > 0 else -1  # vLLM: -1 = every token
-        params = [
-            self._sampling_params(
-                temperature=self.sampling.temperature,
-                top_k=top_k,
-                top_p=self.sampling.top_p,
-                max_tokens=self.sampling.max_new_tokens,
-                stop_token_ids=list(self.stop_ids),
-                logprobs=0,  # the drawn token's own log-prob only
-                seed=seed + k,
-            )
-            for k in range(len(prompts))
-        ]
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": list(p)} for p in prompts], params, lora_request=self.lora_request, use_tqdm=False
-        )
-        stops = set(self.stop_ids)
-        results = []
-        for output in outputs:
-            completion = output.outputs[0]
-            tokens = list(completion.token_ids)
-            logp = sum(step[token].logprob for step, token in zip(completion.logprobs or [], tokens))
-            results.append(_generated(self.tokenizer, tokens, float(logp), stops))
-        return results
-
-
-_VLLM: dict[tuple, object] = {}
-
-
-def _vllm_llm(base: str, dtype: str, *, max_lora_rank: int, gpu_memory_utilization: float):
-    """One `vllm.LLM` per process and base (building one takes a minute), with LoRA enabled."""
-    key = (base, dtype, max_lora_rank)
-    if key not in _VLLM:
-        from vllm import LLM
-
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        _VLLM[key] = LLM(
-            model=base,
-            dtype=dtype,
-            enable_lora=True,
-            max_lora_rank=max_lora_rank,
-            max_loras=1,
-            gpu_memory_utilization=gpu_memory_utilization,
-            generation_config="vllm",  # not the shipped sampling defaults (e.g. a repetition penalty)
-            # under DDP: one engine per rank on that rank's GPU, no worker processes of its own
-            **({"distributed_executor_backend": "external_launcher"} if distributed else {}),
-        )
-    return _VLLM[key]
-
-
-def _lora_rank(model: torch.nn.Module) -> int:
-    """The rank of the active adapter (vLLM rounds its `max_lora_rank` up to one it supports)."""
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
-    rank = getattr(config, "r", 16)
-    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
-
-
-def save_active_adapter(model: torch.nn.Module, folder: Path | None) -> Path | None:
-    """Save the active peft adapter of `model` (for vLLM) under `folder`; returns the adapter folder,
-    or None when the adapters are disabled or there are none (the base alone answers)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if not hasattr(model, "peft_config"):
-        return None
-    if any(m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)):
-        return None
-    if folder is None:
-        import tempfile
-
-        folder = Path(tempfile.mkdtemp(prefix="lowrank_spin_adapter_"))
-    name = model.active_adapter
-    model.save_pretrained(str(folder), selected_adapters=[name])
-    # peft saves an adapter not named `default` in a subfolder of its name
-    return folder if name == "default" else folder / name
-
-
-def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (whose generation_config peft copies from it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @contextlib.contextmanager
@@ -648,16 +261,20 @@ def _generate_batch(
         do_sample=False,
         logits_processor=LogitsProcessorList([sampler]),
     )
-    results = []
     logps = sampler.logps.tolist() if sampler.logps is not None else [0.0] * len(prompts)  # None: no step ran
     stops = set(stop_ids)
-    for row, logp in zip(output[:, width:].tolist(), logps):
-        end = next((i for i, token in enumerate(row) if token in stops), None)
-        finished = end is not None
-        tokens = row[:end] if finished else row
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        results.append(Generated(text, len(tokens), finished, row[: end + 1] if finished else tokens, logp))
+    results = []
+    for row, logp in zip(output[:, width:].tolist(), logps):  # a finished row is padded after its end of turn
+        end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+        results.append(_generated(tokenizer, stops, row[:end], logp))
     return results
+
+
+def _generated(tokenizer, stops: set[int], tokens: list[int], logp: float) -> Generated:
+    """A response from its drawn tokens (the end-of-turn token last when it finished)."""
+    finished = bool(tokens) and tokens[-1] in stops
+    text_tokens = tokens[:-1] if finished else tokens
+    return Generated(tokenizer.decode(text_tokens, skip_special_tokens=True), len(text_tokens), finished, tokens, logp)
 
 
 class Sampler(LogitsProcessor):
@@ -674,6 +291,22 @@ class Sampler(LogitsProcessor):
     token) under the unmodified logits (temperature 1, no top-k/top-p) up to and including the row's
     first end-of-turn token: the generating model's log-prob of the response, which SPIN otherwise
     recomputes with a scoring forward.
+
+    Why not `generate(output_scores=True, return_dict_in_generate=True)` + `compute_transition_scores`
+    (tests/test_generation.py measures each point on the tiny model):
+    - with this sampler the scores `generate` returns are its output (0 at the drawn token, -inf
+      elsewhere), so their log-softmax is 0 for every token;
+    - with generate()'s own sampling instead, the drawn tokens change (for the same seed whenever top-k
+      cuts anything) and the scores are the processed ones (divided by the temperature, -inf outside the
+      top-k), so they give log-probs of that narrowed distribution, not at temperature 1 (e.g. -63.7 vs
+      -85.8 nats for one response at temperature 1, top_k 50);
+    - `output_logits=True` (the raw logits, the very tensor this sampler gets) with
+      `normalize_logits=True` gives temperature-1 log-probs within 1e-6 per token (3e-6 per response),
+      but not bit-identical: `log_softmax` rounds differently from `x - logsumexp` (about half the
+      tokens differ in the last bit), so stored log-probs would change. It also keeps every step's
+      [rows, vocab] logits until generate() returns (16 x 49k x 128 steps x 4 bytes = 400 MB for
+      SmolLM2, 1.2 GB at Qwen2.5's 152k vocab) where the sum below keeps one float per row, and it
+      still needs the mask after each row's end of turn that `_record` applies.
     """
 
     def __init__(
@@ -687,14 +320,10 @@ class Sampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float()
-        chosen = self.choose(logits)
+        chosen = logits.argmax(-1, keepdim=True) if self.temperature == 0 else self._draw(logits / self.temperature)
         if self._stop_ids is not None:
             self._record(logits, chosen)
         return torch.full_like(logits, float("-inf")).scatter_(-1, chosen, 0.0)
-
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token of each row of float `logits` [rows, vocab], drawn as the class says: [rows, 1]."""
-        return logits.argmax(-1, keepdim=True) if self.temperature == 0 else self._draw(logits / self.temperature)
 
     def _draw(self, scores: torch.Tensor) -> torch.Tensor:
         if self.top_k and self.top_k < scores.shape[-1]:
@@ -717,6 +346,11 @@ class Sampler(LogitsProcessor):
         token_logps = (logits.gather(-1, chosen) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
         self.logps += token_logps.double().masked_fill(self._finished, 0.0)  # nothing after a row's end of turn
         self._finished |= torch.isin(chosen.squeeze(-1), self._stop_ids.to(chosen.device))
+
+
+def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (whose generation_config peft copies from it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _read_progress(path: str | Path) -> dict[int, Generated]:

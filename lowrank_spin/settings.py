@@ -18,13 +18,14 @@ from pathlib import Path
 AUTO = "auto"  # a dtype chosen at run time from what the hardware runs fast (`models.choose_dtype`)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("sft", "spin", "tspin")
+RESPONSES = {"sft": ("real",), "spin": ("real", "generated"), "tspin": ("real", "generated", "proto")}
 LOSS_TYPES = ("logistic", "hinge", "exponential", "correlation")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit", "paged_adamw_32bit")  # paged: bitsandbytes, CUDA only
 SCHEDULES = ("linear", "constant")
 EVAL_SPLITS = ("validation", "test")
 SELECTION_METRICS = ("auto", "accuracy", "nll")
-GENERATION_ENGINES = ("static", "hf", "vllm")  # `generation.make_engine`
+GENERATION_ENGINES = ("hf", "vllm")  # `generation.make_engine`
 
 
 class ConfigError(ValueError):
@@ -82,7 +83,10 @@ class ObjectiveSettings:
     """What the policy is trained to do (losses.py).
 
     Args:
-        name: `sft` (NLL of the real response), `spin`, or `tspin`.
+        name: `sft` (NLL of the real response), `spin`, or `tspin`; or one per iteration, which runs the
+            papers' pipeline in one fit, e.g. `[sft, sft, sft, spin, spin]`: SFT-LoRA on the labels, then
+            self-play from the adapter it reached (the opponent of the first self-play iteration is the
+            policy at the end of the last SFT one; T-SPIN's proto responses are that opponent's).
         loss_type: SPIN's ℓ: logistic (default), hinge, exponential or correlation.
         beta: SPIN's λ, a float or one value per iteration.
         tspin_alpha, tspin_beta: T-SPIN's α (scale) and β (weight of the historical term).
@@ -92,7 +96,7 @@ class ObjectiveSettings:
             this many nats (mean) below the opponent's: the collapse users report (uclaml/SPIN#13).
     """
 
-    name: str = "spin"
+    name: list[str] | str = "spin"
     loss_type: str = "logistic"
     beta: float | list[float] = 0.1
     tspin_alpha: float = 1.0
@@ -101,16 +105,31 @@ class ObjectiveSettings:
     length_normalize: bool = False
     real_drift_warning: float = 5.0
 
+    def name_at(self, iteration: int) -> str:
+        """The objective of `iteration`."""
+        return per_iteration(self.name, iteration)
+
+    def responses_at(self, iteration: int) -> tuple[str, ...]:
+        """The responses a training example of `iteration` holds, in batch order."""
+        return RESPONSES[self.name_at(iteration)]
+
     @property
-    def responses(self) -> tuple[str, ...]:
-        """The responses a training example of this objective holds, in batch order."""
-        return {"sft": ("real",), "spin": ("real", "generated"), "tspin": ("real", "generated", "proto")}[self.name]
+    def first_self_play_iteration(self) -> int | None:
+        """The first iteration that trains against the opponent (None: SFT only). Its opponent's
+        responses are T-SPIN's proto-synthetic y0, "generated once by the initial model"."""
+        names = self.name if isinstance(self.name, (list, tuple)) else [self.name]
+        return next((i for i, name in enumerate(names) if name != "sft"), None)
 
     def errors(self, num_iterations: int, prefix: str = "model.objective") -> list[str]:
         """Error strings for the bad fields (empty when all are fine)."""
         errors = []
-        if self.name not in OBJECTIVES:
-            errors.append(f"{prefix}.name: must be one of {OBJECTIVES}, got {self.name!r}")
+        names = self.name if isinstance(self.name, (list, tuple)) else [self.name]
+        if isinstance(self.name, (list, tuple)) and len(names) != num_iterations:
+            errors.append(
+                f"{prefix}.name: has {len(names)} values for {num_iterations} iterations (model.num_iterations)"
+            )
+        if bad := [name for name in names if name not in OBJECTIVES]:
+            errors.append(f"{prefix}.name: must be one of {OBJECTIVES}, got {bad[0]!r}")
         if self.loss_type not in LOSS_TYPES:
             errors.append(f"{prefix}.loss_type: must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         errors += per_iteration_errors(f"{prefix}.beta", self.beta, num_iterations)
@@ -189,18 +208,12 @@ class SamplingSettings:
         max_new_tokens: the longest response generated.
         batch_size: prompts generated at once (also for evaluation's greedy answers); on CUDA out of
             memory it is halved for the rest of the run, with a warning.
-        engine: how (`generation.make_engine`): `hf` (default), transformers' `generate`; `static`, our
-            decode loop over a pre-allocated KV cache that refills a finished row with a waiting prompt
-            (0.94-1.06x `hf` on CPU at batch 16, benchmarks/RESULTS.md; falls back to `hf` under ZeRO-3,
-            sliding-window or non-attention caches and flash_attention_2); `vllm`, the optional vLLM
-            engine (`pip install 'lowrank_spin[vllm]'`, CUDA) serving the base with the opponent's LoRA
-            adapter. On a CPU a larger `batch_size` pays more than any engine (1.8x new tokens/s at 64
-            vs 16 for SmolLM2-135M, benchmarks/RESULTS.md).
+        engine: how (`generation.make_engine`): `hf` (default), transformers' `generate`; `vllm`, the
+            optional vLLM engine (`pip install 'lowrank_spin[vllm]'`, CUDA) serving the base with the
+            opponent's LoRA adapter. On a CPU a larger `batch_size` pays more than any engine (1.8x new
+            tokens/s at 64 vs 16 for SmolLM2-135M, benchmarks/RESULTS.md).
         prompts_per_flush: prompts generated and written to the progress file together, and seeded
-            together: a killed run loses at most this many (default `batch_size`). The `static` engine
-            refills rows only within it, so a few batches' worth (e.g. 4 x batch_size) keep its rows full.
-        compile: `torch.compile` the `static` engine's decode step (compiled once per process; pays
-            for itself only over long generations, see benchmarks/bench_generation.py).
+            together: a killed run loses at most this many (default `batch_size`).
         vllm_gpu_memory_utilization: the share of GPU memory vLLM may take (the trained model shares the GPU).
     """
 
@@ -211,7 +224,6 @@ class SamplingSettings:
     batch_size: int = 16
     engine: str = "hf"
     prompts_per_flush: int | None = None
-    compile: bool = False
     vllm_gpu_memory_utilization: float = 0.3
 
     def errors(self, prefix: str = "data.sampling") -> list[str]:
@@ -296,8 +308,8 @@ class EvaluationSettings:
         return errors
 
 
-def per_iteration(value: float | list[float], iteration: int) -> float:
-    """`value` at `iteration`: a float is the same for all, a list holds one per iteration."""
+def per_iteration(value, iteration: int):
+    """`value` at `iteration`: a single value is the same for all, a list holds one per iteration."""
     return value[min(iteration, len(value) - 1)] if isinstance(value, (list, tuple)) else value
 
 
@@ -412,9 +424,9 @@ def _vllm_errors(prefix: str) -> list[str]:
     import torch
 
     if importlib.util.find_spec("vllm") is None:
-        return [f"{prefix}.engine: vllm needs the vllm package (pip install 'lowrank_spin[vllm]'); use static or hf"]
+        return [f"{prefix}.engine: vllm needs the vllm package (pip install 'lowrank_spin[vllm]'); use hf"]
     if not torch.cuda.is_available():
-        return [f"{prefix}.engine: vllm needs a CUDA GPU; use static or hf on this machine"]
+        return [f"{prefix}.engine: vllm needs a CUDA GPU; use hf on this machine"]
     return []
 
 

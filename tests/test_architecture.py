@@ -23,7 +23,7 @@ LAYERS = [
     {"settings", "files", "faults"},
     {"embedded"},
     {"batching", "templates", "memory"},
-    {"losses", "models"},
+    {"losses", "models", "vllm_engine"},  # vllm_engine: below generation, which picks it
     {"generation"},
     {"opponent"},
     {"data"},

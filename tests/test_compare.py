@@ -13,7 +13,7 @@ import yaml
 from conftest import TINY
 
 from lowrank_spin import compare
-from lowrank_spin.cli import build_cli
+from lowrank_spin.cli import build_cli, parse_config
 from lowrank_spin.settings import ConfigError
 
 
@@ -58,6 +58,7 @@ def protocol_run(tmp_path_factory, cache_dir):
             "false",
         ],
         fit=recording_fit,
+        parse=parse_config,
     )
     return output, calls
 
@@ -166,6 +167,7 @@ def test_rerun_reuses_every_finished_run(protocol_run, capsys):
         + ["--data_fractions", "0.5", "--sft_iterations", "2", "--model.num_iterations", "1"]
         + ["--data.num_val", "6", "--data.num_test", "6", "--data.sampling.max_new_tokens", "8"],
         fit=again.append,
+        parse=parse_config,
     )
     assert again == [], "nothing is trained or evaluated twice"
     assert "already finished: reusing it" in capsys.readouterr().out
@@ -189,6 +191,7 @@ def test_bad_arguments_fail_together_before_any_fit(tmp_path):
             ["--config", TINY, "--output", str(tmp_path), "--arms", "spin", "dpo", "--data_fractions", "1.5"]
             + ["--seeds", "0", "0", "--patience", "0", "--model.objective.name", "spin", "--data.num_val", "0"],
             fit=calls.append,
+            parse=parse_config,
         )
     assert calls == [] and not list(tmp_path.iterdir())
     message = str(error.value)
@@ -203,7 +206,7 @@ def test_bad_arguments_fail_together_before_any_fit(tmp_path):
     ):
         assert field in message, field
     with pytest.raises(ConfigError, match="--config"):
-        compare.main(["--config", str(tmp_path / "missing.yaml")], fit=calls.append)
+        compare.main(["--config", str(tmp_path / "missing.yaml")], fit=calls.append, parse=parse_config)
 
 
 def test_a_user_dataset_needs_validation_rows(tmp_path):
@@ -214,6 +217,7 @@ def test_a_user_dataset_needs_validation_rows(tmp_path):
             ["--config", TINY, "--output", str(tmp_path), "--data.dataset", "docs/example_chat.jsonl"]
             + ["--data.val_fraction", "0"],
             fit=calls.append,
+            parse=parse_config,
         )
     assert calls == []
 
@@ -235,6 +239,7 @@ def test_a_user_chat_dataset_runs_the_protocol_on_its_validation_rows(tmp_path, 
             "false",
         ],
         fit=build_cli,
+        parse=parse_config,
     )
     assert "has no test split" in capsys.readouterr().out
     assert not (output / "seed_0" / "test").exists(), "a user dataset is never scored on a test split"

@@ -1,4 +1,4 @@
-"""Batched, resumable generation behind its engines (hf, static, vllm with a fake vLLM), and its sampler."""
+"""Batched, resumable generation behind its engines (hf, vllm with a fake vLLM), and its sampler."""
 
 from __future__ import annotations
 
@@ -14,19 +14,13 @@ import torch
 from conftest import randomize_lora
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers import LogitsProcessorList
 
-from lowrank_spin import batching, generation, models
+from lowrank_spin import batching, generation, models, vllm_engine
 from lowrank_spin.batching import Collator
 from lowrank_spin.data.chat import render_prompt
 from lowrank_spin.generation import Sampler, generate_responses
 from lowrank_spin.settings import LoRASettings, SamplingSettings
-
-# the static engine with one batch per flush unit, and with 3 batches per unit (finished rows refilled)
-ENGINES = {
-    "hf": dict(engine="hf"),
-    "static": dict(engine="static"),
-    "static+refill": dict(engine="static", prompts_per_flush=12),
-}
 
 
 def _eos_likelier(model, tokenizer, amount: float = 1.0) -> None:
@@ -35,14 +29,10 @@ def _eos_likelier(model, tokenizer, amount: float = 1.0) -> None:
     model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + boost)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, tokenizer, tmp_path, engine):
+def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, tokenizer, tmp_path):
     model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
     prompts = [render_prompt(tokenizer, f"Question number {i}" + "?" * (i % 3)) for i in range(10)]
-    # flush units of 4 prompts; the refilling engine holds 2 rows, so a finished row takes a waiting prompt
-    rows = 2 if engine == "static+refill" else 4
-    options = {**ENGINES[engine], "prompts_per_flush": 4}
-    sampling = SamplingSettings(batch_size=rows, max_new_tokens=6, temperature=1.0, **options)
+    sampling = SamplingSettings(batch_size=4, max_new_tokens=6, temperature=1.0, prompts_per_flush=4)
     kwargs = dict(sampling=sampling, seed=3)
     full, stats = generate_responses(model, tokenizer, prompts, **kwargs)
     assert stats["new_tokens"] == sum(g.num_tokens for g in full)
@@ -60,9 +50,8 @@ def test_generation_resumes_without_regenerating_or_duplicating(tiny_model_dir, 
     assert sorted(indices) == list(range(10)), "every prompt exactly once"
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
-def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, temperature, engine):
+def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, temperature):
     """The log-probs the sampler sums while generating are the model's log-probs of the drawn tokens
     (temperature 1, up to and including EOS): what a scoring forward over prompt + tokens gives, even
     when the model's shipped generation_config asks generate() for a repetition penalty."""
@@ -73,9 +62,9 @@ def test_generation_logps_equal_a_scoring_forward(tiny_model_dir, tokenizer, tem
     if temperature > 0:  # some rows finish early
         _eos_likelier(model, tokenizer)
     prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(6)]
-    sampling = SamplingSettings(batch_size=4, max_new_tokens=16, temperature=temperature, **ENGINES[engine])
+    sampling = SamplingSettings(batch_size=4, max_new_tokens=16, temperature=temperature)
     generated, stats = generate_responses(model, tokenizer, prompts, sampling, seed=1)
-    assert stats["engine"] == ENGINES[engine]["engine"]
+    assert stats["engine"] == "hf"
     if temperature > 0:
         assert {g.finished for g in generated} == {True, False}, "finished and unfinished rows are covered"
     for g in generated:
@@ -151,59 +140,66 @@ def test_sampler_log_probs_stop_at_any_end_of_turn_id():
     torch.testing.assert_close(sampler.logps, expected)
 
 
-@pytest.mark.parametrize("engine", ["static", "static+refill"])
-def test_static_engine_greedy_equals_hf_generate(tiny_model_dir, tokenizer, engine):
-    """Greedy answers of the static engine (rows ending at different steps, refilled or not) are
-    transformers' own greedy `generate`, token for token, one prompt at a time."""
+def test_what_compute_transition_scores_gives_instead_of_the_sampler(tiny_model_dir, tokenizer):
+    """Why `Sampler` keeps its own log-prob sum (its docstring): transformers' `generate(output_scores=
+    True)` + `compute_transition_scores` gives 0 under our sampler (the scores are its -inf/0 output);
+    under generate()'s own sampling it draws other tokens and scores the top-k-narrowed distribution;
+    only the raw logits (`output_logits=True`) give the temperature-1 log-probs, to float tolerance
+    (measured: up to 1e-6 per token, 3e-6 per response, not bit-identical)."""
     model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4, alpha=8))
     randomize_lora(model)
-    _eos_likelier(model, tokenizer, 0.26)  # some rows end early, at different steps
-    prompts = [render_prompt(tokenizer, f"Item {i}: " + "why? " * (i % 4)) for i in range(7)]
-    sampling = SamplingSettings(batch_size=3, max_new_tokens=12, temperature=0.0, **ENGINES[engine])
-    ours, stats = generate_responses(model, tokenizer, prompts, sampling)
-    assert stats["engine"] == "static"
-    assert {g.finished for g in ours} == {True, False}, "rows end at different steps"
-    for prompt, generated in zip(prompts, ours):
-        reference = model.generate(
-            input_ids=torch.tensor([prompt]),
-            max_new_tokens=12,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )[0, len(prompt) :].tolist()
-        assert generated.token_ids == reference
-    hf, _ = generate_responses(model, tokenizer, prompts, dataclasses.replace(sampling, engine="hf"))
-    assert [g.text for g in hf] == [g.text for g in ours]
+    model.eval()
+    _eos_likelier(model, tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(6)]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    options = dict(
+        input_ids=input_ids,
+        attention_mask=(torch.arange(width) >= width - torch.tensor([[len(p)] for p in prompts])).long(),
+        max_new_tokens=16,
+        pad_token_id=pad,
+        eos_token_id=[eos],
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+
+    def summed(out, scores):
+        """log p(response): transition scores up to and including the first EOS (pads after it dropped)."""
+        new = out.sequences[:, width:]
+        ends = (new == eos).long().cumsum(-1)
+        kept = (ends == 0) | ((ends == 1) & (new == eos))
+        transition = model.compute_transition_scores(out.sequences, scores, normalize_logits=True)
+        return transition.double().masked_fill(~kept, 0.0).sum(-1)
+
+    sampler = Sampler(1.0, top_k=50, eos_token_id=[eos])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ours = model.generate(**options, do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+    assert summed(ours, ours.scores).eq(0).all(), "the processed scores are the sampler's output: log-prob 0"
+    torch.testing.assert_close(summed(ours, ours.logits), sampler.logps, rtol=0, atol=1e-5)
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        hf = model.generate(**options, do_sample=True, temperature=1.0, top_k=50, top_p=1.0)
+    assert not torch.equal(hf.sequences, ours.sequences), "generate()'s own sampling draws other tokens"
+    # its scores are -inf outside the top 50: log-probs renormalised over them, above the model's own
+    assert (summed(hf, hf.scores) > summed(hf, hf.logits) + 1).all()
 
 
-def test_static_engine_falls_back_to_hf_where_it_does_not_apply(tiny_model_dir, tokenizer):
-    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
-    assert generation.static_unsupported(model, 100) is None
-    static = SamplingSettings(engine="static")
-    assert isinstance(generation.make_engine(model, tokenizer, SamplingSettings()), generation.HFEngine)  # default
-    assert isinstance(generation.make_engine(model, tokenizer, static), generation.StaticEngine)
-    config = model.get_base_model().config
-    config.sliding_window, config.use_sliding_window = 32, True
-    assert "sliding window" in generation.static_unsupported(model, 100)
-    engine = generation.make_engine(model, tokenizer, SamplingSettings(engine="static"), longest_prompt=90)
-    assert isinstance(engine, generation.HFEngine)
-    config.sliding_window = None
-    assert isinstance(generation.make_engine(model, tokenizer, static, zero3=True), generation.HFEngine)
-
-
-@pytest.mark.parametrize("engine", ["hf", "static"])
-def test_out_of_memory_halves_the_batch_with_a_warning(tiny_model_dir, tokenizer, monkeypatch, caplog, engine):
+def test_out_of_memory_halves_the_batch_with_a_warning(tiny_model_dir, tokenizer, monkeypatch, caplog):
     """A unit that runs out of CUDA memory (faked: more than 2 rows at once) is generated again from its
     seed 2 rows at a time, for the rest of the run: what a run with batch_size 2 gives, and a warning
     naming the setting to lower."""
     model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
     prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(8)]
-    sampling = SamplingSettings(batch_size=4, max_new_tokens=6, temperature=1.0, engine=engine)
+    sampling = SamplingSettings(batch_size=4, max_new_tokens=6, temperature=1.0)
     expected, _ = generate_responses(
         model, tokenizer, prompts, dataclasses.replace(sampling, batch_size=2, prompts_per_flush=4), seed=2
     )
     attempts = []
-    real = generation.HFEngine.generate if engine == "hf" else generation.StaticEngine.generate
+    real = generation.HFEngine.generate
 
     def generate_or_run_out_of_memory(self, unit, seed, rows):
         attempts.append(rows)
@@ -211,9 +207,8 @@ def test_out_of_memory_halves_the_batch_with_a_warning(tiny_model_dir, tokenizer
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
         return real(self, unit, seed, rows)
 
-    monkeypatch.setattr(
-        type(generation.make_engine(model, tokenizer, sampling)), "generate", generate_or_run_out_of_memory
-    )
+    assert isinstance(generation.make_engine(model, tokenizer, sampling), generation.HFEngine)  # the default
+    monkeypatch.setattr(generation.HFEngine, "generate", generate_or_run_out_of_memory)
     with caplog.at_level(logging.WARNING, logger="lowrank_spin.generation"):
         generated, _ = generate_responses(model, tokenizer, prompts, sampling, seed=2)
     assert attempts == [4, 2, 2], "halved once, then kept for the next unit"
@@ -252,7 +247,7 @@ def test_vllm_engine_serves_the_saved_opponent_adapter_per_shard(tiny_model_dir,
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
     monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
-    monkeypatch.setattr(generation, "_VLLM", {})
+    monkeypatch.setattr(vllm_engine, "_VLLM", {})
 
     prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(10)]
     sampling = SamplingSettings(batch_size=2, max_new_tokens=4, temperature=0.7, top_k=0, engine="vllm")

@@ -1,16 +1,13 @@
-import copy
 import hashlib
 import json
-import random
 import re
 from collections import Counter
-from importlib import resources
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lowrank_spin.embedded import task
+from lowrank_spin.embedded.math_templates import TEMPLATES, Template
 from lowrank_spin.embedded.task import (
     ANSWER_PREFIX,
     MathProblem,
@@ -116,8 +113,9 @@ def test_at_least_25_templates_used():
     sample = make_splits(2000, 0, 0, seed=0)["train"]
     used = Counter(p.template for p in sample)
     assert len(used) >= 25, sorted(used)
-    assert len(used) == len(task._templates())  # every template is reachable
-    assert {t.num_steps for t in task._templates()} == {1, 2, 3}
+    assert used.keys() == {t.name for t in TEMPLATES}  # every template is reachable
+    assert len({t.name for t in TEMPLATES}) == len(TEMPLATES)  # names are unique
+    assert {t.num_steps for t in TEMPLATES} == {1, 2, 3}
 
 
 def test_to_record_keys(splits):
@@ -180,22 +178,25 @@ def test_non_int_sizes_are_all_reported():
 def test_too_many_problems_names_the_argument(monkeypatch):
     # Shrink the generator to two distinct prompts per step count.
     def toy(steps):
-        return {
-            "name": f"toy{steps}",
-            "num_steps": steps,
-            "draws": [{"k": {"randint": [1, 2]}}],
-            "prompt": f"Q{steps}-{{k}}?",
-            "steps": ["{k} + 0 = {k}."] * steps,
-            "answer": "k",
-        }
+        def build(rng):
+            k = rng.randint(1, 2)
+            return f"Q{steps}-{k}?", [f"{k} + 0 = {k}."] * steps, k
 
-    toys = task._load_templates({"pools": {}, "templates": [toy(1), toy(2), toy(3)]})
-    monkeypatch.setattr(task, "_templates", lambda: toys)
+        return Template(f"toy{steps}", steps, build)
+
+    monkeypatch.setattr(task, "TEMPLATES", [toy(1), toy(2), toy(3)])
     assert len(make_splits(0, 0, 6)["test"]) == 6  # exactly the capacity
     with pytest.raises(ValueError, match="num_train"):
         make_splits(3, 0, 4)  # test (steps 1,2,3,1) uses both one-step prompts
     with pytest.raises(ValueError, match="num_test"):
         make_splits(0, 0, 7)
+
+
+def test_a_template_breaking_its_invariants_is_named(monkeypatch):
+    bad = Template("bad", 1, lambda rng: ("Q?", ["1 - 2 = -1."], -1))
+    monkeypatch.setattr(task, "TEMPLATES", [bad])
+    with pytest.raises(ValueError, match=r"math template 'bad'.*whole answer >= 0"):
+        make_splits(0, 0, 1)
 
 
 def test_write_jsonl_round_trip(tmp_path, splits):
@@ -216,7 +217,7 @@ def test_default_sizes_are_fast():
 
 
 # --------------------------------------------------------------------------
-# Templates as data: the YAML file and its interpreter
+# Golden output: the splits are byte-identical to the original templates
 # --------------------------------------------------------------------------
 
 GOLDEN = Path(__file__).parent / "fixtures" / "math_splits_golden.json"
@@ -231,8 +232,8 @@ def _sha256(records):
 
 
 def test_matches_the_golden_output_of_the_templates_as_code():
-    # Written from the old lowrank_spin.math_task (templates as Python functions); the YAML
-    # templates must reproduce it byte for byte: same draws, same order, same text.
+    # Written from the old lowrank_spin.math_task; the templates must reproduce it byte for
+    # byte: same draws, same order, same text.
     golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
     full = golden["records"]
     sizes = (full["num_train"], full["num_val"], full["num_test"], full["seed"])
@@ -241,111 +242,3 @@ def test_matches_the_golden_output_of_the_templates_as_code():
     for case in golden["hashes"]:
         sizes = (case["num_train"], case["num_val"], case["num_test"], case["seed"])
         assert _sha256(_records(make_splits(*sizes))) == case["sha256"], sizes
-
-
-def _yaml_templates():
-    text = resources.files("lowrank_spin.embedded").joinpath("math_templates.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)["templates"]
-
-
-def test_every_yaml_template_is_loaded_in_order_and_used():
-    names = [entry["name"] for entry in _yaml_templates()]
-    assert [t.name for t in task._templates()] == names
-    used = {p.template for p in make_splits(2000, 0, 0, seed=0)["train"]}
-    assert used == set(names)
-
-
-def _toy_data():
-    """A minimal valid template file; tests break one entry at a time."""
-
-    def entry(name, steps):
-        return {
-            "name": name,
-            "num_steps": steps,
-            "draws": [
-                {"n": {"person": "PEOPLE"}},
-                {"m": {"person": "PEOPLE", "avoid": "n"}},
-                {"a": {"randint": [2, 9]}},
-                {"b": {"randint": [1, "a - 1"]}},
-            ],
-            "prompt": "{n} has {a}, gives {b} to {m}. {{braces}}",
-            "steps": ["{a} - {b} = {a - b}."] * steps,
-            "answer": "a - b",
-        }
-
-    return {
-        "pools": {"PEOPLE": [["Ann", "she"], ["Bo", "he"]], "FRUITS": ["apples", "pears"]},
-        "templates": [entry("bad", 1), entry("two", 2), entry("three", 3)],
-    }
-
-
-def _broken(**changes):
-    data = _toy_data()
-    data["templates"][0].update(copy.deepcopy(changes))
-    return data
-
-
-def test_toy_template_file_loads_and_samples():
-    templates = task._load_templates(_toy_data())
-    problem = templates[0].sample(random.Random(0))
-    giver, a, b, taker = re.fullmatch(r"(\w+) has (\d+), gives (\d+) to (\w+)\. \{braces\}", problem.prompt).groups()
-    assert {giver, taker} == {"Ann", "Bo"}  # avoid: never the same person twice
-    assert problem.answer == int(a) - int(b) > 0 and problem.template == "bad"
-
-
-@pytest.mark.parametrize(
-    "changes, message",
-    [
-        ({"draws": [{"a": {"rnadint": [1, 2]}}]}, r"unknown draw kind \('rnadint'\)"),
-        ({"draws": [{"a": {"randint": [1, 2], "choice": "FRUITS"}}]}, r"unknown draw kind"),
-        ({"draws": [{"b": {"randint": [1, "a"]}}, {"a": {"randint": [1, 3]}}]}, r"'a' is used before it is drawn"),
-        ({"answer": "a + zz"}, r"answer: 'zz' is used before it is drawn"),
-        ({"prompt": "{n} has {apples}."}, r"prompt field \{apples\}: 'apples' is used before it is drawn"),
-        ({"draws": [{"a": "1"}, {"a": "2"}]}, r"'a' is drawn twice"),
-        ({"draws": [{"FRUITS": "1"}]}, r"'FRUITS' is a pool or function name"),
-        ({"draws": [{"p": {"person": "FRUITS"}}]}, r"person needs the name of a \[name, he\|she\] pool"),
-        ({"draws": [{"redraw": [{"a": {"randint": [1, 3]}}]}]}, r"a redraw block is"),
-        ({"steps": ["one.", "two."]}, r"'steps' must list exactly num_steps=1"),
-        ({"num_steps": 4}, r"'num_steps' must be 1, 2 or 3"),
-        ({"prompt": "{a"}, r"unmatched '\{'"),
-        ({"colour": "red"}, r"unknown keys \['colour'\]"),
-        # Nothing outside the small expression language gets through: no eval, no attributes, no **.
-        ({"answer": "__import__('os').getcwd()"}, r"unknown function \"__import__\('os'\).getcwd\""),
-        ({"answer": "eval('1')"}, r"unknown function 'eval'"),
-        ({"answer": "a.__class__"}, r"unknown field .__class__"),
-        ({"answer": "a ** 3"}, r"unsupported syntax \(BinOp\)"),
-        ({"answer": "a / 2"}, r"unsupported syntax \(BinOp\)"),
-        ({"answer": "lambda: 1"}, r"unsupported syntax \(Lambda\)"),
-        ({"answer": "1.5"}, r"only whole numbers and strings"),
-    ],
-)
-def test_malformed_template_names_the_template(changes, message):
-    with pytest.raises(ValueError, match=r"math template 'bad'.*" + message):
-        task._load_templates(_broken(**changes))
-
-
-@pytest.mark.parametrize(
-    "changes, message",
-    [
-        ({"answer": "b - a"}, r"the answer must be a whole number >= 0"),
-        ({"draws": [{"a": {"randint": [5, 1]}}]}, r"draw 'a': .*empty range"),
-        ({"draws": [{"a": "0"}], "answer": "3 // a"}, r"answer: '3 // a': .*division"),
-        ({"draws": [{"a": "'x' + 1"}]}, r"expected a whole number"),
-        ({"draws": [{"a": {"choice": "[f for f in FRUITS if f == 'kiwi']"}}]}, r"draw 'a'.*empty sequence"),
-        ({"draws": [{"a": "FRUITS"}]}, r"prompt field \{a\}.*only words, whole numbers and people"),
-        ({"draws": [{"redraw": [{"a": {"randint": [1, 3]}}], "until": "a > 5"}]}, r"still false after 1000 tries"),
-    ],
-)
-def test_template_failing_while_sampling_names_the_template(changes, message):
-    if "draws" in changes:  # the toy's own prompt and steps use names these draws no longer bind
-        changes = {"prompt": "Q {a}?", "steps": ["{a}."], "answer": "1", **changes}
-    (bad, *_) = task._load_templates(_broken(**changes))
-    with pytest.raises(ValueError, match=r"math template 'bad'.*" + message):
-        bad.sample(random.Random(0))
-
-
-def test_template_file_needs_every_step_count():
-    data = _toy_data()
-    del data["templates"][2]
-    with pytest.raises(ValueError, match=r"no template has num_steps \[3\]"):
-        task._load_templates(data)

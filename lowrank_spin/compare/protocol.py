@@ -1,0 +1,445 @@
+"""`lowrank-spin compare`: the papers' protocol in one command, SFT first, then SFT vs SPIN vs T-SPIN.
+
+    lowrank-spin compare --config configs/smollm2_compare.yaml --seeds 0 1 2 --output runs/compare_smollm2
+    lowrank-spin compare --config configs/tiny_spin.yaml --seeds 0 1 --output runs/tiny_compare   # seconds
+
+Each seed (`seed_everything` and `data.seed`) runs the whole protocol in `<output>/seed_<s>/`:
+
+1. **Stage 1, `stage1_sft/`:** SFT-LoRA on the annotated data for up to `--sft_iterations` iterations,
+   the gold NLL on the validation split after each. The adapter of the lowest validation NLL is kept;
+   the stage stops counting once `--patience` iterations in a row have not improved it. SPIN starts from
+   an SFT model, not from the base (Chen et al. 2024, §5.1), so every later arm starts from this adapter.
+2. **Stage 2:** from that adapter (`model.lora.init_adapter`), continued SFT, SPIN and T-SPIN for the
+   config's `model.num_iterations`, on 100% of the annotated data, plus the data-scarcity arms
+   (`--fraction_arms`, T-SPIN by default, on each of `--data_fractions` of the rows, `data.max_samples`).
+   Every arm trains the same total number of optimizer steps: an arm on a fraction of the rows trains
+   proportionally more epochs per iteration (`--no-equal_steps`: the same epochs). Each arm is evaluated
+   (greedy accuracy, gold NLL, held-out rewards) on the validation split after every iteration.
+3. **Test, `test/`:** the stage-1 adapter and every arm's final adapter, each evaluated once on the test
+   split (the embedded task's `data.num_test` problems). A user dataset has no test split: its
+   validation rows (`data.val_dataset`/`val_split`, or the held-out `data.val_fraction`) are then the
+   only evaluation and the report says so.
+
+Every selection (stage 1's adapter) is made on validation; test is only reported. Each arm is paired with
+continued SFT problem by problem, per seed, and across seeds. The report, in `<output>`: `results.json`
+(everything below, for the notebook), `summary.csv` (per arm: mean, spread and per-seed values, paired
+difference, training steps, diagnostics), `comparison.csv` (per seed, arm, split and iteration),
+`comparison.md` (the tables) and PNG plots. Finished runs are reused, so re-running fills in what is
+missing. W&B runs (when the config logs to W&B) share one group, the output folder's name, unless
+`WANDB_RUN_GROUP` is set; each run is named after its seed and arm. Any other `--model.*`/`--data.*`/
+`--trainer.*` flag goes to every run.
+
+This module holds the arguments, the plan and the runs of each seed; `report.py` reads what they wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from jsonargparse import Namespace
+
+from lowrank_spin.files import RunDir, write_text_atomic
+from lowrank_spin.settings import ConfigError
+
+ARMS = ("sft", "spin", "tspin")
+STAGE1 = "stage1_sft"
+START = "start"  # the stage-1 adapter, as an arm of the report: where every stage-2 arm begins
+# Set by the protocol for each run; an override of them would break the comparison.
+PROTOCOL_FLAGS = (
+    "--seed_everything",
+    "--data.seed",
+    "--model.objective.name",
+    "--model.lora.init_adapter",
+    "--data.evaluation.split",
+    "--trainer.default_root_dir",
+    "--ckpt_path",
+)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One stage-2 run of each seed: an objective on a fraction of the annotated rows."""
+
+    objective: str
+    fraction: float = 1.0
+
+    @property
+    def name(self) -> str:
+        """Its folder and report name, e.g. `tspin_25pct`."""
+        return f"{self.objective}_{int(round(self.fraction * 100))}pct"
+
+
+BASELINE = Arm("sft")  # continued SFT on all the data: every arm is paired with it
+
+
+def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """`compare`'s own arguments, and the rest: the overrides every `fit` gets."""
+    parser = argparse.ArgumentParser(
+        prog="lowrank-spin compare", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
+    parser.add_argument("--config", required=True, help="a fit config; every run uses it")
+    parser.add_argument("--output", default="runs/compare", help="seed_<s>/ per seed, and the report")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="each runs the whole protocol")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"stage-2 arms on all the data, of {ARMS}")
+    parser.add_argument("--fraction_arms", nargs="*", default=["tspin"], help="the data-scarcity arms' objectives")
+    parser.add_argument("--data_fractions", nargs="*", type=float, default=[0.25, 0.5], help="each in (0, 1)")
+    parser.add_argument(
+        "--num_train",
+        type=int,
+        default=None,
+        help="annotated rows at 100%% (default: all the config's data, as given)",
+    )
+    parser.add_argument("--sft_iterations", type=int, default=4, help="stage 1: the most SFT iterations")
+    parser.add_argument("--patience", type=int, default=1, help="stage 1: stop after this many without a better NLL")
+    parser.add_argument(
+        "--equal_steps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="arms on a fraction of the data train proportionally more epochs (the same total steps)",
+    )
+    parser.add_argument(
+        "--test",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate the final adapters on the test split once (the embedded task only)",
+    )
+    return parser.parse_known_args(argv)  # anything else goes to every `fit`
+
+
+def read_settings(parse: Callable[[list[str]], Namespace], config: str, overrides: list[str]) -> tuple[dict, list[str]]:
+    """The config every run gets (`config` with `overrides`) as `parse` (the `fit` CLI's parser) reads
+    it, a nested dict with every default from the code, and the errors of parsing it. Nothing is
+    instantiated: no model is loaded. Empty when `config` is not a file (argument_errors says so)."""
+    if not Path(config).is_file():
+        return {}, []
+    try:
+        return parse(["--config", config, *overrides]).as_dict(), []
+    except ConfigError as error:
+        return {}, error.errors
+
+
+def argument_errors(args: argparse.Namespace, overrides: list[str], settings: dict) -> list[str]:
+    """Every bad argument of `compare`, each naming its flag (empty when all are fine)."""
+    errors = []
+    if not Path(args.config).is_file():
+        errors.append(f"--config: {args.config!r} is not a file")
+    for flag, values, allowed in (("--arms", args.arms, ARMS), ("--fraction_arms", args.fraction_arms, ARMS)):
+        if bad := [v for v in values if v not in allowed]:
+            errors.append(f"{flag}: each must be one of {ARMS}, got {bad}")
+    if "sft" not in args.arms:
+        errors.append("--arms: must include sft, the continued-SFT baseline every arm is paired with")
+    if bad := [f for f in args.data_fractions if not 0 < f < 1]:
+        errors.append(f"--data_fractions: each must be in (0, 1) (100% is --arms), got {bad}")
+    if len(set(args.data_fractions)) < len(args.data_fractions):
+        errors.append(f"--data_fractions: each at most once, got {args.data_fractions}")
+    if args.fraction_arms and not args.data_fractions:
+        errors.append("--fraction_arms: needs --data_fractions (or pass --fraction_arms with no value)")
+    if bad := [s for s in args.seeds if s < 0]:
+        errors.append(f"--seeds: must be >= 0, got {bad}")
+    if len(set(args.seeds)) < len(args.seeds):
+        errors.append(f"--seeds: each at most once, got {args.seeds}")
+    for flag in ("sft_iterations", "patience"):
+        if getattr(args, flag) < 1:
+            errors.append(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
+    if args.num_train is not None and args.num_train < 1:
+        errors.append(f"--num_train: must be >= 1, got {args.num_train}")
+    for flag in PROTOCOL_FLAGS:
+        if any(o == flag or o.startswith(flag + "=") for o in overrides):
+            errors.append(f"{flag}: set by compare for each run (seeds: --seeds); drop it from the command")
+    if settings:
+        errors += _data_errors(settings["data"])
+    return errors
+
+
+def _data_errors(data: dict) -> list[str]:
+    """Stage 1 selects on validation and the report scores test: both must exist before any fit."""
+    from lowrank_spin.data import MATH
+
+    if data["dataset"] == MATH:
+        return [
+            f"data.{name}: the protocol needs a {split} split (stage 1 selects on validation, the report scores test), got {data[name]}"
+            for name, split in (("num_val", "validation"), ("num_test", "test"))
+            if data[name] < 1
+        ]
+    if not (data["val_dataset"] or data["val_split"]) and data["val_fraction"] <= 0:
+        return [
+            "data.val_fraction: stage 1 selects the SFT adapter on validation NLL: give data.val_dataset or "
+            "data.val_split, or data.val_fraction > 0"
+        ]
+    return []
+
+
+# ---- the plan: what each seed runs ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything a seed runs, decided once before the first fit."""
+
+    config: str
+    output: Path
+    overrides: tuple[str, ...]
+    seeds: tuple[int, ...]
+    arms: tuple[Arm, ...]
+    sizes: dict  # data.max_samples per fraction (None: the data as given)
+    epochs: dict  # model.epochs_per_iteration per fraction
+    num_iterations: int
+    sft_iterations: int
+    patience: int
+    test: bool
+    beta: float | list[float]
+
+
+def plan(args: argparse.Namespace, overrides: list[str], settings: dict) -> Protocol:
+    """The arms, their data sizes and epochs (equal total steps), printed; returns the Protocol."""
+    from lowrank_spin.data import MATH
+
+    model, data = settings["model"], settings["data"]
+    arms = [Arm(a) for a in dict.fromkeys(args.arms)]
+    arms += [Arm(a, f) for f in sorted(args.data_fractions) for a in dict.fromkeys(args.fraction_arms)]
+    fractions = sorted({arm.fraction for arm in arms})
+    epochs, batch = model["epochs_per_iteration"], data["batch_size"]
+    sizes, total = _training_sizes(data, fractions, args.num_train)
+    per_fraction = {}
+    for f in fractions:
+        rows = total if sizes[f] is None else sizes[f]
+        steps = math.ceil(rows / batch)
+        full = math.ceil(total / batch)
+        per_fraction[f] = max(1, round(epochs * full / steps)) if args.equal_steps else epochs
+    iterations = model["num_iterations"]
+    for f in fractions:
+        rows = total if sizes[f] is None else sizes[f]
+        print(
+            f"[compare] {f:.0%} of the data: {rows} rows, {per_fraction[f]} epoch(s) per iteration, "
+            f"{iterations * per_fraction[f] * math.ceil(rows / batch)} optimizer steps in {iterations} iterations"
+        )
+    dataset = data["dataset"]
+    test = args.test and dataset == MATH
+    if args.test and not test:
+        print(f"[compare] data.dataset {dataset!r} has no test split: the report scores its validation rows")
+    split_size = data["num_val"] if dataset == MATH else None
+    shown = min(x for x in (split_size, data["evaluation"]["max_examples"]) if x is not None) if split_size else None
+    if shown is not None and shown < 300:
+        print(f"[compare] note: {shown} validation problems; the protocol asks for >= 300 for narrow paired intervals")
+    return Protocol(
+        config=args.config,
+        output=Path(args.output),
+        overrides=tuple(overrides),
+        seeds=tuple(args.seeds),
+        arms=tuple(arms),
+        sizes=sizes,
+        epochs=per_fraction,
+        num_iterations=iterations,
+        sft_iterations=args.sft_iterations,
+        patience=args.patience,
+        test=test,
+        beta=model["objective"]["beta"],
+    )
+
+
+def _training_sizes(data: dict, fractions, num_train: int | None) -> tuple[dict, int]:
+    """(`data.max_samples` per fraction, None: the data as given; the rows at 100%), printed."""
+    if num_train is not None:
+        total, what = num_train, f"--num_train {num_train}"
+    else:
+        total, what = _training_rows(data)
+    sizes = {f: None if f == 1 and num_train is None else max(1, int(round(total * f))) for f in fractions}
+    shown = ", ".join(f"{f:.0%}: " + ("as given" if n is None else f"data.max_samples {n}") for f, n in sizes.items())
+    print(f"[compare] data fractions of {total} training rows ({what}): {shown}")
+    return sizes, total
+
+
+def _training_rows(data: dict) -> tuple[int, str]:
+    """How many rows the config's data section trains on, and what they are."""
+    from lowrank_spin.data import MATH, SelfPlayDataModule
+
+    budget = f", data.max_samples {data['max_samples']}" if data["max_samples"] else ""
+    if data["dataset"] == MATH:
+        return min(
+            data["num_train"], data["max_samples"] or data["num_train"]
+        ), f"the embedded math task's train split{budget}"
+    # The DataModule reads the data itself (once; cheap next to a fit): the rows it holds out for
+    # evaluation and the config's own max_samples are counted exactly as every arm's `fit` counts them.
+    flat = {k: v for k, v in data.items() if k not in ("sampling", "evaluation")}
+    train = SelfPlayDataModule(**flat).load_records()["train"]
+    return len(train), f"data.dataset {data['dataset']!r}, less its held-out rows{budget}"
+
+
+# ---- one seed: stage 1, stage 2, test -----------------------------------------------------------------
+
+
+def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, group: str) -> dict:
+    """Run (or reuse) the whole protocol for `seed`; returns stage 1's choice (also in `stage1.json`)."""
+    seed_dir = protocol.output / f"seed_{seed}"
+    common = [f"--seed_everything={seed}", f"--data.seed={seed}"]
+
+    # Stage 1: SFT, greedy answers cut at one token so each iteration costs only the gold NLL.
+    stage1_dir = seed_dir / STAGE1
+    _fit(
+        fit,
+        protocol,
+        stage1_dir,
+        protocol.sft_iterations,
+        [
+            *common,
+            "--model.objective.name=sft",
+            f"--model.num_iterations={protocol.sft_iterations}",
+            "--data.evaluation.split=validation",
+            "--data.evaluation.every_iteration=true",
+            "--data.evaluation.max_new_tokens=1",
+            "--data.evaluation.heldout_reward_pairs=0",
+        ],
+        group,
+        f"seed{seed}_{STAGE1}",
+    )
+    choice = select_sft_adapter(RunDir(stage1_dir).read_results(), protocol.patience)
+    choice["adapter"] = str(RunDir(stage1_dir).iteration(choice["iteration"]))
+    write_text_atomic(seed_dir / "stage1.json", json.dumps(choice, indent=1))
+    print(
+        f"[compare] seed {seed} stage 1: validation NLL {', '.join(f'{x:.4f}' for x in choice['nll'])}; "
+        f"starting every arm from iteration {choice['iteration']} ({choice['adapter']})"
+        + ("" if choice["stopped_at"] is not None else "; still improving: raise --sft_iterations")
+    )
+
+    # Stage 2: every arm from that adapter, evaluated on validation after every iteration.
+    start = ["--model.lora.init_adapter", choice["adapter"], "--data.evaluation.split=validation"]
+    first = None
+    for arm in protocol.arms:
+        run_dir = seed_dir / arm.name
+        sized = [] if protocol.sizes[arm.fraction] is None else [f"--data.max_samples={protocol.sizes[arm.fraction]}"]
+        if first is not None:  # the common start is evaluated once, by the first arm
+            _share_before_evaluation(first, run_dir)
+        _fit(
+            fit,
+            protocol,
+            run_dir,
+            protocol.num_iterations,
+            [
+                *common,
+                f"--model.objective.name={arm.objective}",
+                f"--model.epochs_per_iteration={protocol.epochs[arm.fraction]}",
+                *start,
+                *sized,
+            ],
+            group,
+            f"seed{seed}_{arm.name}",
+        )
+        first = first or run_dir
+
+    # Test: each final adapter (and the start) once, on the test split.
+    if protocol.test:
+        finals = {START: choice["adapter"]}
+        finals |= {
+            arm.name: str(RunDir(seed_dir / arm.name).iteration(protocol.num_iterations - 1)) for arm in protocol.arms
+        }
+        for name, adapter in finals.items():
+            run_dir = seed_dir / "test" / name
+            if RunDir.BEFORE in RunDir(run_dir).read_results():
+                print(f"[compare] {run_dir} already evaluated: reusing it")
+                continue
+            print(f"[compare] seed {seed}: {name} on the test split -> {run_dir}")
+            with _environment(WANDB_RUN_GROUP=group, WANDB_NAME=f"seed{seed}_test_{name}"):
+                fit(
+                    _fit_args(protocol, run_dir)
+                    + [
+                        *common,
+                        "--model.objective.name=sft",
+                        "--model.num_iterations=1",
+                        "--model.lora.init_adapter",
+                        adapter,
+                        "--data.evaluation.split=test",
+                        "--data.evaluation.heldout_reward_pairs=0",
+                        "--trainer.callbacks+=lowrank_spin.compare.EvaluateOnly",
+                    ]
+                )
+    return choice
+
+
+def select_sft_adapter(results: dict[int, dict], patience: int) -> dict:
+    """Stage 1's choice from its per-iteration validation rows: the iteration of the lowest NLL, counting
+    iterations only until `patience` in a row have not improved it (early stopping on validation NLL).
+
+    Returns {"iteration", "nll" (per iteration, in order), "stopped_at" (the iteration that ended the
+    stage; None if the NLL was still improving at the last one)}.
+    """
+    iterations = sorted(i for i in results if i >= 0)
+    if not iterations:
+        raise ValueError("stage 1 wrote no per-iteration validation rows (results.json)")
+    best, stopped_at = iterations[0], None
+    for i in iterations:
+        if results[i]["nll"] < results[best]["nll"]:
+            best = i
+        elif i - best >= patience:
+            stopped_at = i
+            break
+    return {"iteration": best, "nll": [results[i]["nll"] for i in iterations], "stopped_at": stopped_at}
+
+
+class EvaluateOnly(L.Callback):
+    """Stop a `fit` before its first step: `IterationBoundaries` has then evaluated the initial model
+    (its `model.lora.init_adapter`) on `data.evaluation.split`, and nothing is trained or saved."""
+
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        trainer.should_stop = True
+
+
+def _fit_args(protocol: Protocol, run_dir: Path) -> list[str]:
+    """`fit` of the config into `run_dir` with the user's overrides; the protocol's own flags follow them."""
+    return [
+        "fit",
+        "--config",
+        protocol.config,
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir),
+        *protocol.overrides,
+    ]
+
+
+def _fit(fit, protocol: Protocol, run_dir: Path, iterations: int, flags: list[str], group: str, name: str) -> None:
+    """Run one `fit` into `run_dir`, reuse it when finished, resume it (`--ckpt_path last`) when it was cut short."""
+    if RunDir(run_dir).finished(iterations):
+        print(f"[compare] {run_dir} already finished: reusing it")
+        return
+    print(f"[compare] {name} -> {run_dir}")
+    resume = ["--ckpt_path", "last"] if any(RunDir(run_dir).checkpoints.glob("*.ckpt")) else []
+    with _environment(WANDB_RUN_GROUP=group, WANDB_NAME=name):  # W&B reads these
+        fit(_fit_args(protocol, run_dir) + flags + resume)
+
+
+def _share_before_evaluation(source: Path, run_dir: Path) -> None:
+    """Seed a new arm with the first arm's evaluation of the common initial model (the callback then skips it)."""
+    source, target = RunDir(source), RunDir(run_dir)
+    if target.results.exists():
+        return
+    before = source.read_results().get(RunDir.BEFORE)
+    if before is None:
+        return
+    target.iteration(RunDir.BEFORE).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source.eval_samples(RunDir.BEFORE), target.eval_samples(RunDir.BEFORE))
+    write_text_atomic(target.results, json.dumps([before], indent=1))
+
+
+@contextlib.contextmanager
+def _environment(**variables: str):
+    """Set environment variables for the block and restore the previous values after it."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -176,6 +176,7 @@ class IterationBoundaries(L.Callback):
                     RunDir(trainer.default_root_dir).read_results(),
                     run_dir=trainer.default_root_dir,
                     logger=trainer.logger,
+                    objective=module.objective,
                 )
             )
         for logger in _wandb_loggers(trainer):
@@ -222,17 +223,22 @@ def _best_name(iteration: int) -> str:
     return f"iteration {iteration} (its adapter in best/)"
 
 
-def format_results(results: dict[int, dict], run_dir: str, logger=None) -> str:
+def format_results(results: dict[int, dict], run_dir: str, logger=None, objective=None) -> str:
     """The before/after table the main command ends with (the best iteration starred), and where the
-    run's files are."""
+    run's files are. With the run's `objective` settings each iteration names what it trained."""
     best = RunDir(run_dir).read_best()
-    lines = ["", f"{'':<10}{'accuracy':>10}{'nll/token':>11}{'gen length':>12}"]
+    header = f"{'':<10}{'objective':>10}{'accuracy':>10}{'nll/token':>11}{'gen length':>12}{'reward acc':>12}"
+    lines = ["", header]
     for iteration in sorted(results):
         row = results[iteration]
         name = "before" if iteration == BEFORE else f"iter {iteration}"
         name += " *" if best and best["iteration"] == iteration else ""
+        trained = "" if iteration == BEFORE or objective is None else objective.name_at(iteration)
         accuracy = f"{row['accuracy']:.3f}" if row.get("accuracy") is not None else "n/a"
-        lines.append(f"{name:<10}{accuracy:>10}{row['nll']:>11.3f}{row['generated_tokens']:>12.1f}")
+        rewards = f"{row['reward_accuracy']:.2f}" if row.get("reward_accuracy") is not None else "-"
+        lines.append(
+            f"{name:<10}{trained:>10}{accuracy:>10}{row['nll']:>11.3f}{row['generated_tokens']:>12.1f}{rewards:>12}"
+        )
     if best:
         lines.append(f"* best by validation {best['metric']}: {_best_name(best['iteration'])}")
     if (stop := RunDir(run_dir).early_stop).exists():

@@ -217,7 +217,7 @@ class SelfPlayLoRA(L.LightningModule):
             lora=self.lora,
             sampling=data.sampling,
             train_batch_size=data.hparams.batch_size,
-            responses_per_example=len(self.objective.responses),
+            responses_per_example=max(len(self.objective.responses_at(i)) for i in range(self.hparams.num_iterations)),
             prompt_length=max(len(e["prompt_ids"]) for e in train),
             response_length=max(longest_real, data.sampling.max_new_tokens),
             gradient_checkpointing=self.hparams.gradient_checkpointing,
@@ -296,15 +296,15 @@ class SelfPlayLoRA(L.LightningModule):
         return loss
 
     def _compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        objective = self.objective
-        if objective.name == "sft":
+        objective, name = self.objective, self.objective.name_at(self.iteration)
+        if name == "sft":
             return losses.sft_loss(response_logps(self.model, batch), batch["response_lengths"]), {}
         # Layout of the log-probs: [real; generated] (spin) or [real; generated; proto] (tspin).
         logps = response_logps(self.model, batch, average=objective.length_normalize)
         chunks = logps.chunk(batch["num_responses"])
         real_logps, generated_logps = chunks[0], chunks[1]
         metrics = {"logps/real": real_logps.mean().detach(), "logps/generated": generated_logps.mean().detach()}
-        if objective.name == "spin":
+        if name == "spin":
             if self.hparams.precompute_opponent_logps:
                 opponent_real, opponent_generated = batch["opponent_real_logps"], batch["opponent_generated_logps"]
             else:

@@ -29,8 +29,8 @@ class Opponent:
     Args:
         model: the peft model holding the `policy` and `opponent` adapters.
         tokenizer: its tokenizer (the DataModule renders prompts with it).
-        objective: what the training batches hold (`objective.responses`) and whether the opponent's
-            log-probs are needed (SPIN's reference; T-SPIN and SFT need none).
+        objective: what the training batches of each iteration hold (`objective.responses_at`) and whether
+            the opponent's log-probs are needed (SPIN's reference; T-SPIN and SFT need none).
         share_prompt: batch several responses of a prompt in one row (`batching.SharedPromptCollator`).
         precompute_logps: score with the opponent once per iteration, right after generation; off, the
             module scores on the fly every step and `score` does nothing.
@@ -74,6 +74,11 @@ class Opponent:
         """At iteration 0 without an initial adapter Δθ0 = 0: the opponent is the base, adapters off."""
         return self.iteration == 0 and self.starts_as_base
 
+    @property
+    def responses(self) -> tuple[str, ...]:
+        """What a training example of this iteration holds: ("real",) for SFT, else the opponent's too."""
+        return self.objective.responses_at(self.iteration)
+
     def collator(self, responses: tuple[str, ...]) -> batching.Collator | batching.SharedPromptCollator:
         """The batch layout for `responses` (the prompt shared where the model's attention allows it)."""
         return batching.collator(self.tokenizer.pad_token_id, responses, self.share_prompt)
@@ -107,7 +112,7 @@ class Opponent:
     def score_for_training(self, examples: list[dict], generated: list[Generated], batch_size: int) -> None:
         """Put in `examples` what the objective needs from the opponent: SPIN's reference log-probs
         (`opponent_real_logps`, `opponent_generated_logps`); nothing for sft and tspin. Returns None."""
-        if self.objective.name != "spin":
+        if self.objective.name_at(self.iteration) != "spin":
             return
         responses = ("real", "generated")
         if self.logps_from_generation and all(g.logp is not None for g in generated):

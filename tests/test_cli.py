@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import pytest
-from conftest import fit_args
+import torch
+from conftest import chat_batch, fit_args
 from peft import PeftModel
 
 from lowrank_spin import models
+from lowrank_spin.batching import response_logps
 from lowrank_spin.cli import build_cli
 from lowrank_spin.files import read_jsonl
 
@@ -144,6 +147,46 @@ def test_spin_starts_from_an_sft_adapter(tmp_path, cache_dir):
     first_step = next(r for r in read_metrics(tmp_path / "spin") if r["train/loss_step"])
     # iteration 0's opponent is the SFT adapter itself, so the first step's rewards are zero
     assert float(first_step["rewards/real"]) == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_sft_then_self_play_in_one_fit(tmp_path, cache_dir, capsys):
+    """The papers' pipeline in one fit: SFT iterations on the labels, then self-play from the adapter
+    they reached. The first self-play iteration's opponent is the policy at the end of the last SFT
+    iteration (not the base), and its responses are T-SPIN's proto responses."""
+    run_tiny(tmp_path, "--model.num_iterations", "3", "--model.objective.name", "[sft, spin, tspin]")
+    assert not (tmp_path / "iter_0" / "synthetic.jsonl").exists(), "an SFT iteration generates nothing"
+    iter_1 = read_jsonl(tmp_path / "iter_1" / "synthetic.jsonl")
+    iter_2 = read_jsonl(tmp_path / "iter_2" / "synthetic.jsonl")
+    assert [r["proto"] for r in iter_2] == [r["generated"] for r in iter_1], "proto: the first self-play iteration's"
+
+    # iteration 1's opponent log-probs of the real responses are those of base + iteration 0's adapter
+    tokenizer = models.load_tokenizer(str(models.resolve_model_path(models.TINY_LLAMA)))
+    rows = iter_1[:4]
+    batch = chat_batch(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
+    logps = {}
+    for name, adapter in (("sft", tmp_path / "iter_0"), ("base", None)):
+        base = models.load_base_model(str(models.resolve_model_path(models.TINY_LLAMA)))
+        model = PeftModel.from_pretrained(base, adapter).eval() if adapter else base.eval()
+        with torch.no_grad():
+            logps[name] = response_logps(model, batch).tolist()
+    stored = [r["opponent_real_logps"] for r in rows]
+    assert stored == pytest.approx(logps["sft"], abs=1e-3)
+    assert stored != pytest.approx(logps["base"], abs=1e-3), "the opponent moved with the SFT iteration"
+
+    steps = [r for r in read_metrics(tmp_path) if r["train/loss_step"]]
+    assert {float(r["iteration"]) for r in steps} == {0.0, 1.0, 2.0}
+    assert not any(r.get("rewards/margin") for r in steps if float(r["iteration"]) == 0.0), "iteration 0 is SFT"
+    assert any(r.get("rewards/historical") for r in steps if float(r["iteration"]) == 2.0), "iteration 2 is T-SPIN"
+    table = capsys.readouterr().out
+    assert re.findall(r"^iter (\d)[ *]+(\w+)", table, re.M) == [("0", "sft"), ("1", "spin"), ("2", "tspin")]
+
+
+def test_a_per_iteration_objective_needs_one_name_per_iteration(tmp_path, cache_dir):
+    with pytest.raises(ValueError, match=r"model.objective.name: has 2 values for 3 iterations"):
+        run_tiny(tmp_path, "--model.num_iterations", "3", "--model.objective.name", "[sft, spin]")
+    with pytest.raises(ValueError, match=r"model.objective.name: must be one of .* got 'dpo'"):
+        run_tiny(tmp_path, "--model.objective.name", "[sft, dpo]")
 
 
 @pytest.mark.slow

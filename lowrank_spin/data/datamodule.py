@@ -241,7 +241,7 @@ class SelfPlayDataModule(L.LightningDataModule):
     # ---- what training and evaluation read --------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        responses = self.opponent.objective.responses
+        responses = self.opponent.responses
         examples = self.examples["train"] if responses == ("real",) else self.pairs(self.opponent.iteration)
         # The order depends only on (seed, epoch), so a resumed epoch sees the batches it would have seen.
         order = length_grouped_order(
@@ -287,7 +287,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         if not self.trainer.strategy.broadcast(path.exists(), src=0):
             self.write_synthetic(iteration)
         examples = [self._from_row(row) for row in read_jsonl(path)]
-        if self.hparams.keep_previous_iterations and iteration > 0:
+        if self.hparams.keep_previous_iterations and iteration > self.opponent.objective.first_self_play_iteration:
             previous = [self._from_row(row) for row in self._earlier_rows(iteration - 1, "keep_previous_iterations")]
             # the older generated responses, scored by the current opponent
             self.opponent.score(previous, ("real", "generated"), self.hparams.batch_size)
@@ -359,8 +359,10 @@ class SelfPlayDataModule(L.LightningDataModule):
                     self.opponent.tokenizer, gen.text, gen.finished, example["prompt"], self.hparams.system_prompt
                 )
             )
-        # T-SPIN's proto-synthetic y0 is generated once, by the initial model: iteration 0's responses.
-        protos = examples if iteration == 0 else self._earlier_rows(0, "T-SPIN's proto responses")
+        # T-SPIN's proto-synthetic y0 is generated once, by the initial model of self-play: the responses
+        # of the first self-play iteration (iteration 0, or the first after the SFT iterations).
+        first = self.opponent.objective.first_self_play_iteration
+        protos = examples if iteration == first else self._earlier_rows(first, "T-SPIN's proto responses")
         for example, proto in zip(examples, protos):
             proto_ids = drawn_ids(proto, "generated", self.opponent.tokenizer, self.hparams.system_prompt)
             example.update(proto=proto["generated"], proto_finished=proto["generated_finished"], proto_ids=proto_ids)

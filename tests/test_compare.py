@@ -1,5 +1,5 @@
-"""`lowrank-spin compare`, the papers' protocol, on the tiny config: stage 1 (SFT until validation NLL
-stops improving) before stage 2, every arm from the stage-1 adapter, equal training steps, one run per
+"""`lowrank-spin compare`, the papers' protocol, on the tiny config: stage 1 (SFT until validation
+accuracy and NLL stop improving) before stage 2, every arm from the stage-1 adapter, equal training steps, one run per
 seed and a report over seeds; bad arguments stop it before any fit."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from conftest import TINY
 
 from lowrank_spin import compare
 from lowrank_spin.cli import build_cli, parse_config
+from lowrank_spin.evaluation import best_iteration
+from lowrank_spin.files import RunDir
 from lowrank_spin.settings import ConfigError
 
 
@@ -94,7 +96,8 @@ def test_arms_start_from_the_stage1_adapter(protocol_run):
         seed_dir = output / f"seed_{seed}"
         choice = json.loads((seed_dir / "stage1.json").read_text())
         stage1 = {r["iteration"]: r for r in json.loads((seed_dir / "stage1_sft" / "results.json").read_text())}
-        assert choice["iteration"] == min((i for i in stage1 if i >= 0), key=lambda i: stage1[i]["nll"])
+        trained = {i: row for i, row in stage1.items() if i >= 0}
+        assert choice["iteration"] == max(best_iteration(trained, "nll"), best_iteration(trained, "accuracy"))
         adapter = seed_dir / "stage1_sft" / f"iter_{choice['iteration']}"
         assert (adapter / "adapter_model.safetensors").exists()
         for arm in ("sft_100pct", "tspin_50pct", "test/start"):
@@ -173,15 +176,30 @@ def test_rerun_reuses_every_finished_run(protocol_run, capsys):
     assert "already finished: reusing it" in capsys.readouterr().out
 
 
-def test_stage1_picks_the_best_validation_nll_with_patience():
-    rows = {-1: {"nll": 9.0}, 0: {"nll": 3.0}, 1: {"nll": 2.0}, 2: {"nll": 2.5}, 3: {"nll": 1.0}}
-    assert compare.select_sft_adapter(rows, patience=1) == {
-        "iteration": 1,
-        "nll": [3.0, 2.0, 2.5, 1.0],
-        "stopped_at": 2,
-    }, "stops at the first iteration without improvement, never looks past it"
-    assert compare.select_sft_adapter(rows, patience=2)["iteration"] == 3
-    assert compare.select_sft_adapter(rows, patience=2)["stopped_at"] is None, "still improving"
+def test_stage1_starts_stage2_at_the_plateau(tmp_path):
+    """The last iteration that set a best NLL or accuracy; `stopped_at` from the fit's early stop."""
+    run_dir = RunDir(tmp_path)
+    rows = [(-1, 0.1, 9.0), (0, 0.2, 3.0), (1, 0.4, 2.0), (2, 0.3, 1.5), (3, 0.35, 1.6), (4, 0.38, 1.7)]
+    for iteration, accuracy, nll in rows:
+        run_dir.write_result({"iteration": iteration, "accuracy": accuracy, "nll": nll, "generated_tokens": 1.0})
+    choice = compare.select_sft_adapter(run_dir)
+    assert choice == {
+        "iteration": 2,
+        "nll": [3.0, 2.0, 1.5, 1.6, 1.7],
+        "accuracy": [0.2, 0.4, 0.3, 0.35, 0.38],
+        "best_nll": 2,
+        "best_accuracy": 1,
+        "stopped_at": None,
+    }, "capped: no early stop was written"
+    run_dir.early_stop.write_text(json.dumps({"iteration": 4, "best": 1, "reason": "patience"}))
+    assert compare.select_sft_adapter(run_dir)["stopped_at"] == 4
+
+
+@pytest.mark.slow
+def test_a_capped_stage1_is_the_reports_first_line(protocol_run):
+    output, _ = protocol_run
+    first = (output / "comparison.md").read_text().splitlines()[0]
+    assert first.startswith("**Stage 1 was capped, not converged** (seed 0, 1)"), first
 
 
 def test_bad_arguments_fail_together_before_any_fit(tmp_path):

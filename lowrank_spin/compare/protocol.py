@@ -5,10 +5,13 @@
 
 Each seed (`seed_everything` and `data.seed`) runs the whole protocol in `<output>/seed_<s>/`:
 
-1. **Stage 1, `stage1_sft/`:** SFT-LoRA on the annotated data for up to `--sft_iterations` iterations,
-   the gold NLL on the validation split after each. The adapter of the lowest validation NLL is kept;
-   the stage stops counting once `--patience` iterations in a row have not improved it. SPIN starts from
-   an SFT model, not from the base (Chen et al. 2024, §5.1), so every later arm starts from this adapter.
+1. **Stage 1, `stage1_sft/`:** SFT-LoRA on the annotated data until it has stopped improving: after
+   each iteration, validation accuracy (where answers are checked) and gold NLL; the stage stops once
+   neither has improved for `--patience` iterations in a row (`data.evaluation.patience_metrics`), or at
+   the cap, `--sft_iterations` (the report's first line then says the stage was capped, not converged).
+   The adapter kept is the plateau's start: the last iteration that set a best on either metric. SPIN
+   starts from an SFT model that has stopped improving (Chen et al. 2024, §5.1 and §5.3), so every later
+   arm starts from this adapter; continued SFT past it is the control.
 2. **Stage 2:** from that adapter (`model.lora.init_adapter`), continued SFT, SPIN and T-SPIN for the
    config's `model.num_iterations`, on 100% of the annotated data, plus the data-scarcity arms
    (`--fraction_arms`, T-SPIN by default, on each of `--data_fractions` of the rows, `data.max_samples`).
@@ -47,6 +50,7 @@ from pathlib import Path
 import lightning as L
 from jsonargparse import Namespace
 
+from lowrank_spin.evaluation import best_iteration
 from lowrank_spin.files import RunDir, write_text_atomic
 from lowrank_spin.settings import ConfigError
 
@@ -98,8 +102,10 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         default=None,
         help="annotated rows at 100%% (default: all the config's data, as given)",
     )
-    parser.add_argument("--sft_iterations", type=int, default=4, help="stage 1: the most SFT iterations")
-    parser.add_argument("--patience", type=int, default=1, help="stage 1: stop after this many without a better NLL")
+    parser.add_argument("--sft_iterations", type=int, default=12, help="stage 1: the cap on SFT iterations")
+    parser.add_argument(
+        "--patience", type=int, default=2, help="stage 1: stop after this many without a better accuracy or NLL"
+    )
     parser.add_argument(
         "--equal_steps",
         action=argparse.BooleanOptionalAction,
@@ -282,7 +288,7 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
     seed_dir = protocol.output / f"seed_{seed}"
     common = [f"--seed_everything={seed}", f"--data.seed={seed}"]
 
-    # Stage 1: SFT, greedy answers cut at one token so each iteration costs only the gold NLL.
+    # Stage 1: SFT until validation accuracy and NLL have both stopped improving (the fit stops itself).
     stage1_dir = seed_dir / STAGE1
     _fit(
         fit,
@@ -295,19 +301,20 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
             f"--model.num_iterations={protocol.sft_iterations}",
             "--data.evaluation.split=validation",
             "--data.evaluation.every_iteration=true",
-            "--data.evaluation.max_new_tokens=1",
+            f"--data.evaluation.patience={protocol.patience}",
+            "--data.evaluation.patience_metrics=[accuracy, nll]",
             "--data.evaluation.heldout_reward_pairs=0",
         ],
         group,
         f"seed{seed}_{STAGE1}",
     )
-    choice = select_sft_adapter(RunDir(stage1_dir).read_results(), protocol.patience)
+    choice = select_sft_adapter(RunDir(stage1_dir))
     choice["adapter"] = str(RunDir(stage1_dir).iteration(choice["iteration"]))
     write_text_atomic(seed_dir / "stage1.json", json.dumps(choice, indent=1))
     print(
         f"[compare] seed {seed} stage 1: validation NLL {', '.join(f'{x:.4f}' for x in choice['nll'])}; "
         f"starting every arm from iteration {choice['iteration']} ({choice['adapter']})"
-        + ("" if choice["stopped_at"] is not None else "; still improving: raise --sft_iterations")
+        + ("" if choice["stopped_at"] is not None else "; capped, still improving: raise --sft_iterations")
     )
 
     # Stage 2: every arm from that adapter, evaluated on validation after every iteration.
@@ -357,6 +364,7 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
                         "--model.lora.init_adapter",
                         adapter,
                         "--data.evaluation.split=test",
+                        "--data.evaluation.max_examples=null",  # every test problem (data.num_test)
                         "--data.evaluation.heldout_reward_pairs=0",
                         "--trainer.callbacks+=lowrank_spin.compare.EvaluateOnly",
                     ]
@@ -364,24 +372,29 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
     return choice
 
 
-def select_sft_adapter(results: dict[int, dict], patience: int) -> dict:
-    """Stage 1's choice from its per-iteration validation rows: the iteration of the lowest NLL, counting
-    iterations only until `patience` in a row have not improved it (early stopping on validation NLL).
+def select_sft_adapter(run_dir: RunDir) -> dict:
+    """Stage 1's choice from its per-iteration validation rows: the plateau's start, the last iteration
+    that set a best validation NLL or accuracy (the fit's patience stopped it once neither improved).
 
-    Returns {"iteration", "nll" (per iteration, in order), "stopped_at" (the iteration that ended the
-    stage; None if the NLL was still improving at the last one)}.
+    Returns {"iteration", "nll" and "accuracy" (per iteration, in order), "best_nll" and "best_accuracy"
+    (their iterations; None without accuracy), "stopped_at" (the iteration at which the fit stopped for
+    patience; None if it ran to its cap, still improving)}.
     """
+    results = run_dir.read_results()
     iterations = sorted(i for i in results if i >= 0)
     if not iterations:
-        raise ValueError("stage 1 wrote no per-iteration validation rows (results.json)")
-    best, stopped_at = iterations[0], None
-    for i in iterations:
-        if results[i]["nll"] < results[best]["nll"]:
-            best = i
-        elif i - best >= patience:
-            stopped_at = i
-            break
-    return {"iteration": best, "nll": [results[i]["nll"] for i in iterations], "stopped_at": stopped_at}
+        raise ValueError(f"stage 1 wrote no per-iteration validation rows ({run_dir.results})")
+    trained = {i: results[i] for i in iterations}
+    best_nll, best_accuracy = best_iteration(trained, "nll"), best_iteration(trained, "accuracy")
+    stopped = json.loads(run_dir.early_stop.read_text())["iteration"] if run_dir.early_stop.exists() else None
+    return {
+        "iteration": max(i for i in (best_nll, best_accuracy) if i is not None),
+        "nll": [results[i]["nll"] for i in iterations],
+        "accuracy": [results[i].get("accuracy") for i in iterations],
+        "best_nll": best_nll,
+        "best_accuracy": best_accuracy,
+        "stopped_at": stopped,
+    }
 
 
 class EvaluateOnly(L.Callback):

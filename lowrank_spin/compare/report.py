@@ -314,15 +314,30 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        f"### Stage 1: SFT-LoRA, validation gold NLL per iteration (patience {protocol['patience']})",
+        f"### Stage 1: SFT-LoRA to its plateau, validation per iteration (patience {protocol['patience']} on accuracy and NLL)",
         "",
-        "| seed | NLL/token per iteration | chosen iteration | stopped at |",
-        "|---|---|---|---|",
+        "| seed | accuracy per iteration | NLL/token per iteration | best accuracy at | best NLL at | start of stage 2 | stopped at |",
+        "|---|---|---|---|---|---|---|",
     ]
     for seed, choice in report["stage1"].items():
+        accuracy = ", ".join("n/a" if x is None else f"{x:.3f}" for x in choice.get("accuracy", []))
         nll = ", ".join(f"{x:.4f}" for x in choice["nll"])
-        stopped = "still improving" if choice["stopped_at"] is None else str(choice["stopped_at"])
-        lines.append(f"| {seed} | {nll} | {choice['iteration']} | {stopped} |")
+        stopped = (
+            f"capped at {protocol['sft_iterations']}, still improving"
+            if choice["stopped_at"] is None
+            else str(choice["stopped_at"])
+        )
+        lines.append(
+            f"| {seed} | {accuracy or 'n/a'} | {nll} | {_fmt(choice.get('best_accuracy'), 0)} | {_fmt(choice.get('best_nll'), 0)} "
+            f"| {choice['iteration']} | {stopped} |"
+        )
+    capped = [seed for seed, choice in report["stage1"].items() if choice["stopped_at"] is None]
+    if capped:
+        lines.insert(
+            0,
+            f"**Stage 1 was capped, not converged** (seed {', '.join(capped)}): SFT was still improving at "
+            f"--sft_iterations {protocol['sft_iterations']}, so stage 2 did not start from a plateau.\n",
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -111,11 +111,9 @@ class IterationBoundaries(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"eval/best_iteration": best}, step=trainer.global_step)
         last = trainer.lightning_module.hparams.num_iterations - 1
-        watched = settings.watched_metrics(datamodule.has_checker)
-        improved = max(best_iteration(results, m) for m in watched)  # the last iteration that set a best
-        if settings.patience is not None and iteration - improved >= settings.patience and iteration < last:
+        if settings.patience is not None and iteration - best >= settings.patience and iteration < last:
             reason = (
-                f"validation {' and '.join(watched)} has not improved for {iteration - improved} iteration(s) "
+                f"validation {metric} has not improved for {iteration - best} iteration(s) "
                 f"(data.evaluation.patience={settings.patience}): stopping after iteration {iteration}; "
                 f"the best is {_best_name(best)}"
             )

@@ -270,9 +270,6 @@ class EvaluationSettings:
             checked (the embedded task), else nll. Chosen on the validation split only.
         patience: stop iterating once the best iteration is this many iterations old (None: run
             every iteration). Needs `every_iteration` and the validation split.
-        patience_metrics: the metrics `patience` watches (None: the `select_by` metric). With several,
-            the run stops once none of them has improved for `patience` iterations: `[accuracy, nll]`
-            is "SFT has stopped improving" (a plateau on both), as `lowrank-spin compare` uses it.
     """
 
     split: str = "validation"
@@ -282,18 +279,12 @@ class EvaluationSettings:
     max_examples: int | None = None
     select_by: str = AUTO
     patience: int | None = None
-    patience_metrics: list[str] | None = None
 
     def selection_metric(self, answers_checked: bool) -> str:
         """The metric `select_by` means for a task whose answers are (or are not) checked."""
         if self.select_by == AUTO:
             return "accuracy" if answers_checked else "nll"
         return self.select_by
-
-    def watched_metrics(self, answers_checked: bool) -> list[str]:
-        """The metrics `patience` watches (accuracy only where answers are checked)."""
-        metrics = self.patience_metrics or [self.selection_metric(answers_checked)]
-        return [m for m in metrics if m != "accuracy" or answers_checked] or ["nll"]
 
     def errors(self, prefix: str = "data.evaluation") -> list[str]:
         """Error strings for the bad fields (empty when all are fine)."""
@@ -307,11 +298,6 @@ class EvaluationSettings:
                 errors.append(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.select_by not in SELECTION_METRICS:
             errors.append(f"{prefix}.select_by: must be one of {SELECTION_METRICS}, got {self.select_by!r}")
-        watched = SELECTION_METRICS[1:]
-        if self.patience_metrics is not None and (
-            not self.patience_metrics or set(self.patience_metrics) - set(watched)
-        ):
-            errors.append(f"{prefix}.patience_metrics: each must be one of {watched}, got {self.patience_metrics}")
         if self.patience is not None and self.split != "validation":
             errors.append(
                 f"{prefix}.patience: early stopping decides on the evaluation split, here {self.split!r}: "

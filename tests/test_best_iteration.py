@@ -82,31 +82,3 @@ def test_the_initial_model_as_best_says_best_holds_no_adapter(tmp_path):
         "before *" in table and "the initial model, before any iteration (best/ names it and holds no adapter)" in table
     )
     assert [p.name for p in run_dir.best.iterdir()] == ["best.json"]
-
-
-@pytest.mark.parametrize(
-    ("nll", "evaluated"), [([4, 3, 2, 1, 0.5], [-1, 0, 1, 2, 3]), ([4, 3, 3, 3, 3], [-1, 0, 1, 2])]
-)
-def test_patience_on_accuracy_and_nll_stops_only_when_both_stall(nll, evaluated, tmp_path, cache_dir, monkeypatch):
-    """Accuracy is best at iteration 0; a falling NLL keeps the run going (SFT still improving), and once
-    the NLL has stalled for `patience` iterations too, the run stops."""
-    evaluate = callbacks.evaluate
-    calls = iter(zip(ACCURACY.values(), nll))
-
-    def scripted(model, tokenizer, examples, **kwargs):
-        metrics, samples = evaluate(model, tokenizer, examples, **kwargs)
-        accuracy, nll_value = next(calls)
-        return {**metrics, "accuracy": accuracy, "nll": nll_value}, samples
-
-    monkeypatch.setattr(callbacks, "evaluate", scripted)
-    options = ["--model.num_iterations", "4", "--data.num_train", "8", "--data.evaluation.patience", "2"]
-    build_cli(fit_args(tmp_path, *options, "--data.evaluation.patience_metrics", "[accuracy, nll]"))
-    run_dir = RunDir(tmp_path)
-    assert sorted(run_dir.read_results()) == evaluated
-    assert run_dir.read_best()["iteration"] == 0, "best/ still follows the selection metric (accuracy)"
-    assert run_dir.early_stop.exists() == (evaluated[-1] < 3)
-
-
-def test_patience_metrics_are_checked(tmp_path, cache_dir):
-    with pytest.raises(ConfigError, match=r"data.evaluation.patience_metrics: each must be one of"):
-        build_cli(fit_args(tmp_path, "--data.evaluation.patience_metrics", "[accuracy, loss]"))

@@ -1,5 +1,5 @@
 """`lowrank-spin compare`, the papers' protocol, on the tiny config: stage 1 (SFT until validation
-accuracy and NLL stop improving) before stage 2, every arm from the stage-1 adapter, equal training steps, one run per
+accuracy stops improving) before stage 2, every arm from the stage-1 adapter, equal training steps, one run per
 seed and a report over seeds; bad arguments stop it before any fit."""
 
 from __future__ import annotations
@@ -96,8 +96,7 @@ def test_arms_start_from_the_stage1_adapter(protocol_run):
         seed_dir = output / f"seed_{seed}"
         choice = json.loads((seed_dir / "stage1.json").read_text())
         stage1 = {r["iteration"]: r for r in json.loads((seed_dir / "stage1_sft" / "results.json").read_text())}
-        trained = {i: row for i, row in stage1.items() if i >= 0}
-        assert choice["iteration"] == max(best_iteration(trained, "nll"), best_iteration(trained, "accuracy"))
+        assert choice["iteration"] == best_iteration({i: row for i, row in stage1.items() if i >= 0}, "accuracy")
         adapter = seed_dir / "stage1_sft" / f"iter_{choice['iteration']}"
         assert (adapter / "adapter_model.safetensors").exists()
         for arm in ("sft_100pct", "tspin_50pct", "test/start"):
@@ -176,23 +175,55 @@ def test_rerun_reuses_every_finished_run(protocol_run, capsys):
     assert "already finished: reusing it" in capsys.readouterr().out
 
 
-def test_stage1_starts_stage2_at_the_plateau(tmp_path):
-    """The last iteration that set a best NLL or accuracy; `stopped_at` from the fit's early stop."""
+@pytest.mark.slow
+def test_a_shared_stage1_run_starts_every_seed_and_is_not_retrained(protocol_run, tmp_path):
+    """`--stage1 RUN`: no stage-1 fit; every seed's stage 2 starts from that run's plateau adapter."""
+    output, _ = protocol_run
+    shared = output / "seed_0" / "stage1_sft"
+    calls = []
+
+    def recording_fit(args):
+        calls.append(args[args.index("--trainer.default_root_dir") + 1])
+        return build_cli(args)
+
+    compare.main(
+        ["--config", TINY, "--output", str(tmp_path), "--seeds", "3", "4", "--stage1", str(shared), "--arms", "sft"]
+        + ["--fraction_arms", "--no-test", "--model.num_iterations", "1", "--data.num_val", "6", "--data.num_test", "6"]
+        + ["--data.sampling.max_new_tokens", "8", "--trainer.enable_progress_bar", "false"],
+        fit=recording_fit,
+        parse=parse_config,
+    )
+    assert calls == [str(tmp_path / f"seed_{s}" / "sft_100pct") for s in (3, 4)], "stage 1 is not run again"
+    chosen = json.loads((output / "seed_0" / "stage1.json").read_text())["iteration"]
+    for seed in (3, 4):
+        saved = yaml.safe_load(
+            (tmp_path / f"seed_{seed}" / "sft_100pct" / "logs" / "version_0" / "config.yaml").read_text()
+        )
+        assert saved["model"]["lora"]["init_adapter"] == str(shared / f"iter_{chosen}")
+
+
+def test_a_shared_stage1_without_validation_results_is_refused(tmp_path):
+    calls = []
+    with pytest.raises(ConfigError, match="--stage1: .* holds no per-iteration validation results"):
+        compare.main(["--config", TINY, "--stage1", str(tmp_path)], fit=calls.append, parse=parse_config)
+    assert calls == []
+
+
+def test_stage1_stops_when_the_validation_metric_stalls(tmp_path):
+    """Best by accuracy (ties to the lower NLL), counting until `patience` iterations did not improve it."""
     run_dir = RunDir(tmp_path)
-    rows = [(-1, 0.1, 9.0), (0, 0.2, 3.0), (1, 0.4, 2.0), (2, 0.3, 1.5), (3, 0.35, 1.6), (4, 0.38, 1.7)]
+    rows = [(-1, 0.1, 9.0), (0, 0.2, 3.0), (1, 0.4, 2.0), (2, 0.3, 1.5), (3, 0.4, 2.1), (4, 0.38, 1.4), (5, 0.5, 1.0)]
     for iteration, accuracy, nll in rows:
         run_dir.write_result({"iteration": iteration, "accuracy": accuracy, "nll": nll, "generated_tokens": 1.0})
-    choice = compare.select_sft_adapter(run_dir)
-    assert choice == {
-        "iteration": 2,
-        "nll": [3.0, 2.0, 1.5, 1.6, 1.7],
-        "accuracy": [0.2, 0.4, 0.3, 0.35, 0.38],
-        "best_nll": 2,
-        "best_accuracy": 1,
-        "stopped_at": None,
-    }, "capped: no early stop was written"
-    run_dir.early_stop.write_text(json.dumps({"iteration": 4, "best": 1, "reason": "patience"}))
-    assert compare.select_sft_adapter(run_dir)["stopped_at"] == 4
+    assert compare.select_sft_adapter(run_dir, patience=2) == {
+        "iteration": 1,
+        "metric": "accuracy",
+        "nll": [3.0, 2.0, 1.5, 2.1],
+        "accuracy": [0.2, 0.4, 0.3, 0.4],
+        "stopped_at": 3,
+    }, "iteration 3 ties iteration 1 at a higher NLL: no improvement, so the stage ends there"
+    capped = compare.select_sft_adapter(run_dir, patience=5)
+    assert (capped["iteration"], capped["stopped_at"]) == (5, None), "still improving at the last iteration"
 
 
 @pytest.mark.slow

@@ -5,13 +5,14 @@
 
 Each seed (`seed_everything` and `data.seed`) runs the whole protocol in `<output>/seed_<s>/`:
 
-1. **Stage 1, `stage1_sft/`:** SFT-LoRA on the annotated data until it has stopped improving: after
-   each iteration, validation accuracy (where answers are checked) and gold NLL; the stage stops once
-   neither has improved for `--patience` iterations in a row (`data.evaluation.patience_metrics`), or at
-   the cap, `--sft_iterations` (the report's first line then says the stage was capped, not converged).
-   The adapter kept is the plateau's start: the last iteration that set a best on either metric. SPIN
-   starts from an SFT model that has stopped improving (Chen et al. 2024, §5.1 and §5.3), so every later
-   arm starts from this adapter; continued SFT past it is the control.
+1. **Stage 1, `stage1_sft/`** (or `--stage1 RUN`, one SFT run that every seed starts from): SFT-LoRA
+   on the annotated data until it has stopped improving, at `--sft_learning_rate`. After each iteration
+   it scores validation accuracy (where answers are checked; else gold NLL, the selection metric) and
+   gold NLL; the stage stops once `--patience` iterations in a row have not improved on the best
+   (`data.evaluation.patience`; ties on accuracy go to the lower NLL), or at the cap, `--sft_iterations`
+   (the report's first line then says it was capped, not converged). The best iteration's adapter is
+   kept: SPIN starts from an SFT model that has stopped improving (Chen et al. 2024, §5.1 and §5.3), so
+   every later arm starts from it; continued SFT past it is the control.
 2. **Stage 2:** from that adapter (`model.lora.init_adapter`), continued SFT, SPIN and T-SPIN for the
    config's `model.num_iterations`, on 100% of the annotated data, plus the data-scarcity arms
    (`--fraction_arms`, T-SPIN by default, on each of `--data_fractions` of the rows, `data.max_samples`).
@@ -102,9 +103,21 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         default=None,
         help="annotated rows at 100%% (default: all the config's data, as given)",
     )
+    parser.add_argument(
+        "--stage1",
+        default=None,
+        help="a finished SFT run (fit --model.objective.name=sft, evaluated on validation every iteration) "
+        "that every seed's stage 2 starts from, instead of a stage 1 per seed (the papers have one SFT model)",
+    )
     parser.add_argument("--sft_iterations", type=int, default=12, help="stage 1: the cap on SFT iterations")
     parser.add_argument(
-        "--patience", type=int, default=2, help="stage 1: stop after this many without a better accuracy or NLL"
+        "--patience", type=int, default=2, help="stage 1: stop after this many without a better validation metric"
+    )
+    parser.add_argument(
+        "--sft_learning_rate", type=float, default=None, help="stage 1's learning rate (default: the config's)"
+    )
+    parser.add_argument(
+        "--test_examples", type=int, default=None, help="score the first N test problems (default: all)"
     )
     parser.add_argument(
         "--equal_steps",
@@ -156,6 +169,13 @@ def argument_errors(args: argparse.Namespace, overrides: list[str], settings: di
     for flag in ("sft_iterations", "patience"):
         if getattr(args, flag) < 1:
             errors.append(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
+    if args.stage1 is not None:
+        results = RunDir(args.stage1).read_results() if Path(args.stage1).is_dir() else {}
+        if not any(i >= 0 and r.get("split") == "validation" for i, r in results.items()):
+            errors.append(f"--stage1: {args.stage1!r} holds no per-iteration validation results (results.json)")
+    for flag in ("sft_learning_rate", "test_examples"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            errors.append(f"--{flag}: must be > 0, got {getattr(args, flag)}")
     if args.num_train is not None and args.num_train < 1:
         errors.append(f"--num_train: must be >= 1, got {args.num_train}")
     for flag in PROTOCOL_FLAGS:
@@ -201,6 +221,9 @@ class Protocol:
     num_iterations: int
     sft_iterations: int
     patience: int
+    stage1: Path | None  # a shared stage-1 run; None: one per seed
+    sft_learning_rate: float | None
+    test_examples: int | None
     test: bool
     beta: float | list[float]
 
@@ -247,6 +270,9 @@ def plan(args: argparse.Namespace, overrides: list[str], settings: dict) -> Prot
         num_iterations=iterations,
         sft_iterations=args.sft_iterations,
         patience=args.patience,
+        stage1=None if args.stage1 is None else Path(args.stage1),
+        sft_learning_rate=args.sft_learning_rate,
+        test_examples=args.test_examples,
         test=test,
         beta=model["objective"]["beta"],
     )
@@ -289,26 +315,31 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
     common = [f"--seed_everything={seed}", f"--data.seed={seed}"]
 
     # Stage 1: SFT until validation accuracy and NLL have both stopped improving (the fit stops itself).
-    stage1_dir = seed_dir / STAGE1
-    _fit(
-        fit,
-        protocol,
-        stage1_dir,
-        protocol.sft_iterations,
-        [
-            *common,
-            "--model.objective.name=sft",
-            f"--model.num_iterations={protocol.sft_iterations}",
-            "--data.evaluation.split=validation",
-            "--data.evaluation.every_iteration=true",
-            f"--data.evaluation.patience={protocol.patience}",
-            "--data.evaluation.patience_metrics=[accuracy, nll]",
-            "--data.evaluation.heldout_reward_pairs=0",
-        ],
-        group,
-        f"seed{seed}_{STAGE1}",
-    )
-    choice = select_sft_adapter(RunDir(stage1_dir))
+    stage1_dir = protocol.stage1 or seed_dir / STAGE1
+    if protocol.stage1 is None:
+        _fit(
+            fit,
+            protocol,
+            stage1_dir,
+            protocol.sft_iterations,
+            [
+                *common,
+                "--model.objective.name=sft",
+                f"--model.num_iterations={protocol.sft_iterations}",
+                "--data.evaluation.split=validation",
+                "--data.evaluation.every_iteration=true",
+                f"--data.evaluation.patience={protocol.patience}",
+                "--data.evaluation.heldout_reward_pairs=0",
+                *(
+                    []
+                    if protocol.sft_learning_rate is None
+                    else [f"--model.optimizer.learning_rate={protocol.sft_learning_rate}"]
+                ),
+            ],
+            group,
+            f"seed{seed}_{STAGE1}",
+        )
+    choice = select_sft_adapter(RunDir(stage1_dir), protocol.patience)
     choice["adapter"] = str(RunDir(stage1_dir).iteration(choice["iteration"]))
     write_text_atomic(seed_dir / "stage1.json", json.dumps(choice, indent=1))
     print(
@@ -364,7 +395,7 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
                         "--model.lora.init_adapter",
                         adapter,
                         "--data.evaluation.split=test",
-                        "--data.evaluation.max_examples=null",  # every test problem (data.num_test)
+                        f"--data.evaluation.max_examples={'null' if protocol.test_examples is None else protocol.test_examples}",
                         "--data.evaluation.heldout_reward_pairs=0",
                         "--trainer.callbacks+=lowrank_spin.compare.EvaluateOnly",
                     ]
@@ -372,28 +403,32 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
     return choice
 
 
-def select_sft_adapter(run_dir: RunDir) -> dict:
-    """Stage 1's choice from its per-iteration validation rows: the plateau's start, the last iteration
-    that set a best validation NLL or accuracy (the fit's patience stopped it once neither improved).
+def select_sft_adapter(run_dir: RunDir, patience: int) -> dict:
+    """Stage 1's choice from its per-iteration validation rows: the best iteration by accuracy (ties to
+    the lower NLL; by NLL where answers are not checked), counting iterations only until `patience` in a
+    row have not improved on it (the rule `data.evaluation.patience` stops a fit by).
 
-    Returns {"iteration", "nll" and "accuracy" (per iteration, in order), "best_nll" and "best_accuracy"
-    (their iterations; None without accuracy), "stopped_at" (the iteration at which the fit stopped for
-    patience; None if it ran to its cap, still improving)}.
+    Returns {"iteration", "metric", "nll" and "accuracy" (per counted iteration, in order), "stopped_at"
+    (the iteration that ended the stage; None if it was still improving at its last)}.
     """
     results = run_dir.read_results()
     iterations = sorted(i for i in results if i >= 0)
     if not iterations:
         raise ValueError(f"stage 1 wrote no per-iteration validation rows ({run_dir.results})")
-    trained = {i: results[i] for i in iterations}
-    best_nll, best_accuracy = best_iteration(trained, "nll"), best_iteration(trained, "accuracy")
-    stopped = json.loads(run_dir.early_stop.read_text())["iteration"] if run_dir.early_stop.exists() else None
+    metric = "accuracy" if any(results[i].get("accuracy") is not None for i in iterations) else "nll"
+    stopped_at = None
+    for i in iterations:
+        best = best_iteration({t: results[t] for t in iterations if t <= i}, metric)
+        if i - best >= patience:
+            stopped_at = i
+            break
+    counted = [t for t in iterations if stopped_at is None or t <= stopped_at]
     return {
-        "iteration": max(i for i in (best_nll, best_accuracy) if i is not None),
-        "nll": [results[i]["nll"] for i in iterations],
-        "accuracy": [results[i].get("accuracy") for i in iterations],
-        "best_nll": best_nll,
-        "best_accuracy": best_accuracy,
-        "stopped_at": stopped,
+        "iteration": best,
+        "metric": metric,
+        "nll": [results[t]["nll"] for t in counted],
+        "accuracy": [results[t].get("accuracy") for t in counted],
+        "stopped_at": stopped_at,
     }
 
 

@@ -314,10 +314,10 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        f"### Stage 1: SFT-LoRA to its plateau, validation per iteration (patience {protocol['patience']} on accuracy and NLL)",
+        f"### Stage 1: SFT-LoRA to its plateau, validation per iteration (patience {protocol['patience']})",
         "",
-        "| seed | accuracy per iteration | NLL/token per iteration | best accuracy at | best NLL at | start of stage 2 | stopped at |",
-        "|---|---|---|---|---|---|---|",
+        "| seed | accuracy per iteration | NLL/token per iteration | start of stage 2 (best by) | stopped at |",
+        "|---|---|---|---|---|",
     ]
     for seed, choice in report["stage1"].items():
         accuracy = ", ".join("n/a" if x is None else f"{x:.3f}" for x in choice.get("accuracy", []))
@@ -328,8 +328,7 @@ def markdown(report: dict) -> str:
             else str(choice["stopped_at"])
         )
         lines.append(
-            f"| {seed} | {accuracy or 'n/a'} | {nll} | {_fmt(choice.get('best_accuracy'), 0)} | {_fmt(choice.get('best_nll'), 0)} "
-            f"| {choice['iteration']} | {stopped} |"
+            f"| {seed} | {accuracy or 'n/a'} | {nll} | {choice['iteration']} ({choice.get('metric', 'nll')}) | {stopped} |"
         )
     capped = [seed for seed, choice in report["stage1"].items() if choice["stopped_at"] is None]
     if capped:

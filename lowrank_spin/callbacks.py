@@ -2,8 +2,9 @@
 
 That is all a boundary does. The next iteration's synthetic data follow from the snapshot: the
 DataModule generates with the opponent when Lightning reloads the train dataloader for the next epoch.
-The callback reads the module's `model`, `opponent` and settings and calls downward only (models,
-evaluation, files).
+The callback asks the module only through its boundary interface (`ends_iteration`, `last_iteration`,
+`save_adapter`, `snapshot_opponent`, `evaluation_inputs`, `heldout_rewards`, `objective`), passes the
+iteration explicitly, and calls downward only (evaluation, files).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
-from lowrank_spin import models
 from lowrank_spin.embedded import task
-from lowrank_spin.evaluation import best_iteration, evaluate, heldout_rewards
+from lowrank_spin.evaluation import best_iteration, evaluate
 from lowrank_spin.faults import safe_point
 from lowrank_spin.files import RunDir, write_text_atomic
 
@@ -72,28 +72,23 @@ class IterationBoundaries(L.Callback):
                 },
                 step=trainer.global_step,
             )
-        if (trainer.current_epoch + 1) % module.hparams.epochs_per_iteration:
+        if not module.ends_iteration(trainer.current_epoch):
             return
         iteration = module.iteration
-        models.save_adapter(
-            module.model,
-            RunDir(trainer.default_root_dir).iteration(iteration),
-            write=trainer.is_global_zero,
-            base_model=models.portable_base_name(module.hparams.model_name_or_path),
-        )
+        module.save_adapter(RunDir(trainer.default_root_dir).iteration(iteration), write=trainer.is_global_zero)
         if trainer.is_global_zero:
             safe_point("adapter_saved")
-        evaluate_now = iteration == module.hparams.num_iterations - 1 or trainer.datamodule.evaluation.every_iteration
+        evaluate_now = iteration == module.last_iteration or trainer.datamodule.evaluation.every_iteration
         # held-out rewards need the opponent of iteration t, so they come before the snapshot
         rewards = self._heldout_rewards(trainer, module, iteration) if evaluate_now else {}
         # θ0 + Δθt: the policy at the end of iteration t becomes the opponent of iteration t+1.
-        module.opponent.snapshot()
+        module.snapshot_opponent()
         if evaluate_now:
             self._evaluate(trainer, module, iteration, rewards)
-            self._track_best(trainer, iteration)
+            self._track_best(trainer, module, iteration)
         self._log_samples(trainer, iteration)
 
-    def _track_best(self, trainer: L.Trainer, iteration: int) -> None:
+    def _track_best(self, trainer: L.Trainer, module, iteration: int) -> None:
         """Keep `best/` on the best iteration so far by the validation metric, and stop iterating once it
         is `patience` iterations old (SPIN's later iterations can get worse: never ship one by accident)."""
         datamodule = trainer.datamodule
@@ -110,7 +105,7 @@ class IterationBoundaries(L.Callback):
             run_dir.write_best(best, record)
         for logger in trainer.loggers:
             logger.log_metrics({"eval/best_iteration": best}, step=trainer.global_step)
-        last = trainer.lightning_module.hparams.num_iterations - 1
+        last = module.last_iteration
         if settings.patience is not None and iteration - best >= settings.patience and iteration < last:
             reason = (
                 f"validation {metric} has not improved for {iteration - best} iteration(s) "
@@ -136,14 +131,7 @@ class IterationBoundaries(L.Callback):
         if not examples or not previous.exists():
             return {}
         samples = json.loads(previous.read_text())[:limit]
-        return heldout_rewards(
-            module.model,
-            module.opponent,
-            examples,
-            samples,
-            beta=module.beta_at(iteration),
-            batch_size=trainer.datamodule.hparams.batch_size,
-        )
+        return module.heldout_rewards(examples, samples, iteration, batch_size=trainer.datamodule.hparams.batch_size)
 
     def _log_samples(self, trainer: L.Trainer, iteration: int, limit: int = 32) -> None:
         """A W&B table of the iteration's training pairs: what the opponent generated against the real data."""
@@ -191,9 +179,10 @@ class IterationBoundaries(L.Callback):
             return
         sampling, settings = datamodule.sampling, datamodule.evaluation
         start = time.perf_counter()
+        model, tokenizer = module.evaluation_inputs()
         metrics, samples = evaluate(
-            module.model,
-            module.tokenizer,
+            model,
+            tokenizer,
             examples,
             check_answers=datamodule.has_checker,
             sampling=sampling,

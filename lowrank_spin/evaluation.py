@@ -54,7 +54,7 @@ def evaluate(
 
 @torch.no_grad()
 def heldout_rewards(
-    model, opponent: Opponent, examples: list[dict], samples: list[dict], beta: float, batch_size: int
+    model, opponent: Opponent, examples: list[dict], samples: list[dict], iteration: int, beta: float, batch_size: int
 ) -> dict[str, float]:
     """Reward accuracy and margin of the policy `model` against `opponent` on held-out pairs:
     real = the gold response, generated = `samples` (the opponent's answers to the same prompts).
@@ -76,7 +76,7 @@ def heldout_rewards(
         for _, batch in batches(pairs, collate, batch_size, opponent.device):
             model.eval()
             policy = response_logps(model, batch, average=opponent.objective.length_normalize)
-            rewards = beta * (policy - opponent.logps(batch))
+            rewards = beta * (policy - opponent.logps(batch, iteration))
             real, generated = rewards.chunk(2)
             real_rewards += real.tolist()
             generated_rewards += generated.tolist()

@@ -9,6 +9,7 @@ import math
 import os
 import time
 from functools import cached_property
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -18,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lowrank_spin import losses, memory, models
 from lowrank_spin.batching import response_logps
 from lowrank_spin.callbacks import IterationBoundaries
+from lowrank_spin.evaluation import heldout_rewards
 from lowrank_spin.faults import RunStopped
 from lowrank_spin.opponent import Opponent
 from lowrank_spin.settings import (
@@ -161,11 +163,11 @@ class SelfPlayLoRA(L.LightningModule):
             precompute_logps=hp.precompute_opponent_logps,
             logps_from_generation=hp.opponent_logps_from_generation,
             starts_as_base=self.lora.init_adapter is None,
-            iteration=lambda: self.iteration,
             elapsed_seconds=self.elapsed_seconds,
         )
         if self._trainer is not None and self.trainer.datamodule is not None:
-            self.trainer.datamodule.attach_opponent(self.opponent)  # the DataModule's one seam to the model
+            # the DataModule's one seam to the model, and how its epochs map onto iterations
+            self.trainer.datamodule.attach_opponent(self.opponent, self.hparams.epochs_per_iteration)
 
     def configure_callbacks(self):
         return [IterationBoundaries()]
@@ -196,6 +198,36 @@ class SelfPlayLoRA(L.LightningModule):
     def learning_rate_at(self, iteration: int) -> float:
         """The learning rate at `iteration`."""
         return per_iteration(self.optimizer_settings.learning_rate, iteration)
+
+    # ---- what an iteration boundary asks of the module (callbacks.IterationBoundaries) --------------
+
+    def ends_iteration(self, epoch: int) -> bool:
+        """Whether `epoch` is the last epoch of its iteration (a boundary follows it)."""
+        return (epoch + 1) % self.hparams.epochs_per_iteration == 0
+
+    @property
+    def last_iteration(self) -> int:
+        return self.hparams.num_iterations - 1
+
+    def save_adapter(self, directory: Path, write: bool) -> None:
+        """The policy adapter as a standard peft folder, its base named portably. Returns None."""
+        base_model = models.portable_base_name(self.hparams.model_name_or_path)
+        models.save_adapter(self.model, directory, write=write, base_model=base_model)
+
+    def snapshot_opponent(self) -> None:
+        """θ0 + Δθt: the policy at the end of iteration t becomes the opponent of iteration t+1. Returns None."""
+        self.opponent.snapshot()
+
+    def evaluation_inputs(self) -> tuple[torch.nn.Module, object]:
+        """(model, tokenizer): what the evaluation generates and scores with (the policy, as it is now)."""
+        return self.model, self.tokenizer
+
+    def heldout_rewards(self, examples: list[dict], samples: list[dict], iteration: int, batch_size: int) -> dict:
+        """SPIN's rewards at `iteration` on held-out (gold, `samples`) pairs: the policy against the
+        opponent of that iteration (`evaluation.heldout_rewards`)."""
+        return heldout_rewards(
+            self.model, self.opponent, examples, samples, iteration, beta=self.beta_at(iteration), batch_size=batch_size
+        )
 
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()
@@ -308,7 +340,7 @@ class SelfPlayLoRA(L.LightningModule):
             if self.hparams.precompute_opponent_logps:
                 opponent_real, opponent_generated = batch["opponent_real_logps"], batch["opponent_generated_logps"]
             else:
-                opponent_real, opponent_generated = self.opponent.logps(batch).chunk(2)
+                opponent_real, opponent_generated = self.opponent.logps(batch, self.iteration).chunk(2)
             per_example, real_rewards, generated_rewards = losses.spin_loss(
                 real_logps,
                 generated_logps,

@@ -37,7 +37,6 @@ class Opponent:
         logps_from_generation: take the opponent's log-probs of its generated responses from the
             generation pass (same weights, eval mode, the drawn tokens) instead of a scoring forward.
         starts_as_base: no initial adapter, so the opponent of iteration 0 is the bare base (Δθ0 = 0).
-        iteration: the iteration now being trained (the module's view of the trainer's epoch).
         elapsed_seconds: the run's wall clock, shared with the module's step logs.
     """
 
@@ -51,7 +50,6 @@ class Opponent:
         precompute_logps: bool,
         logps_from_generation: bool,
         starts_as_base: bool,
-        iteration: Callable[[], int],
         elapsed_seconds: Callable[[], float],
     ):
         self.model = model
@@ -61,23 +59,18 @@ class Opponent:
         self.precompute_logps = precompute_logps
         self.logps_from_generation = logps_from_generation
         self.starts_as_base = starts_as_base
-        self._iteration = iteration
         self.elapsed_seconds = elapsed_seconds
 
-    @property
-    def iteration(self) -> int:
-        """The iteration this opponent plays against: its adapter is the policy at the end of the one before."""
-        return self._iteration()
+    # Every call that depends on the iteration takes it: the opponent of iteration t is the policy at the
+    # end of iteration t-1 (the last `snapshot`), the bare base at t = 0 without an initial adapter.
 
-    @property
-    def is_base(self) -> bool:
+    def is_base(self, iteration: int) -> bool:
         """At iteration 0 without an initial adapter Δθ0 = 0: the opponent is the base, adapters off."""
-        return self.iteration == 0 and self.starts_as_base
+        return iteration == 0 and self.starts_as_base
 
-    @property
-    def responses(self) -> tuple[str, ...]:
-        """What a training example of this iteration holds: ("real",) for SFT, else the opponent's too."""
-        return self.objective.responses_at(self.iteration)
+    def responses(self, iteration: int) -> tuple[str, ...]:
+        """What a training example of `iteration` holds: ("real",) for SFT, else the opponent's too."""
+        return self.objective.responses_at(iteration)
 
     def collator(self, responses: tuple[str, ...]) -> batching.Collator | batching.SharedPromptCollator:
         """The batch layout for `responses` (the prompt shared where the model's attention allows it)."""
@@ -89,6 +82,7 @@ class Opponent:
         self,
         prompt_ids: list[list[int]],
         sampling: SamplingSettings,
+        iteration: int,
         *,
         seed: int,
         progress_path: Path,
@@ -97,7 +91,7 @@ class Opponent:
     ) -> tuple[list[Generated | None], dict[str, float]]:
         """One response per prompt from the opponent, in prompt order, and the timing statistics
         (`generation.generate_responses`)."""
-        with self.active():
+        with self.active(iteration):
             return generate_responses(
                 self.model,
                 self.tokenizer,
@@ -109,10 +103,12 @@ class Opponent:
                 shard=shard,
             )
 
-    def score_for_training(self, examples: list[dict], generated: list[Generated], batch_size: int) -> None:
-        """Put in `examples` what the objective needs from the opponent: SPIN's reference log-probs
-        (`opponent_real_logps`, `opponent_generated_logps`); nothing for sft and tspin. Returns None."""
-        if self.objective.name_at(self.iteration) != "spin":
+    def score_for_training(
+        self, examples: list[dict], generated: list[Generated], iteration: int, batch_size: int
+    ) -> None:
+        """Put in `examples` what the objective of `iteration` needs from its opponent: SPIN's reference
+        log-probs (`opponent_real_logps`, `opponent_generated_logps`); nothing for sft and tspin. Returns None."""
+        if self.objective.name_at(iteration) != "spin":
             return
         responses = ("real", "generated")
         if self.logps_from_generation and all(g.logp is not None for g in generated):
@@ -121,10 +117,10 @@ class Opponent:
                 average = self.objective.length_normalize
                 example["opponent_generated_logps"] = gen.logp / max(len(gen.token_ids), 1) if average else gen.logp
             responses = ("real",)
-        self.score(examples, responses, batch_size)
+        self.score(examples, responses, iteration, batch_size)
 
-    def score(self, examples: list[dict], responses: tuple[str, ...], batch_size: int) -> None:
-        """Opponent log-probs of the `responses` of `examples`, in place (`opponent_<name>_logps`);
+    def score(self, examples: list[dict], responses: tuple[str, ...], iteration: int, batch_size: int) -> None:
+        """Opponent (of `iteration`) log-probs of the `responses` of `examples`, in place (`opponent_<name>_logps`);
         nothing when they are computed on the fly instead. On CUDA out of memory the batch is halved
         for the rest of the pass, with a warning. Returns None."""
         if not self.precompute_logps:
@@ -139,7 +135,7 @@ class Opponent:
             chunk = by_length[start : start + batch_size]
             try:
                 (_, batch), *_ = batching.batches(chunk, collate, len(chunk), self.device)
-                logps = self.logps(batch, num_responses=len(responses)).view(len(responses), len(chunk))
+                logps = self.logps(batch, iteration, num_responses=len(responses)).view(len(responses), len(chunk))
             except OUT_OF_MEMORY:
                 if batch_size == 1:
                     raise
@@ -153,13 +149,13 @@ class Opponent:
     # ---- for the module and the boundary callback ----------------------------------------------------
 
     @torch.no_grad()
-    def logps(self, batch: dict, num_responses: int = 2) -> torch.Tensor:
+    def logps(self, batch: dict, iteration: int, num_responses: int = 2) -> torch.Tensor:
         """Log-probs of the first `num_responses` responses of `batch` ([real; generated] by default)
-        under the opponent θ0 + Δθt (eval mode); the model is left as it was."""
+        under the opponent of `iteration`, θ0 + Δθt (eval mode); the model is left as it was."""
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.active():
+            with self.active(iteration):
                 return batching.response_logps(
                     self.model, batch, average=self.objective.length_normalize, num_responses=num_responses
                 )
@@ -171,9 +167,9 @@ class Opponent:
         models.snapshot_opponent(self.model)
 
     @contextlib.contextmanager
-    def active(self):
-        """The model as θ0 + Δθt for the block; the policy again after it."""
-        with models.opponent(self.model, adapters_disabled=self.is_base):
+    def active(self, iteration: int):
+        """The model as the opponent of `iteration`, θ0 + Δθt, for the block; the policy again after it."""
+        with models.opponent(self.model, adapters_disabled=self.is_base(iteration)):
             yield self.model
 
     @property

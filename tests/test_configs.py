@@ -75,10 +75,13 @@ def _fixture_of_schema(config: str, tmp_path) -> str | None:
     dataset = (yaml.safe_load(open(config)).get("data") or {}).get("dataset", "math")
     if dataset == "math":
         return None
-    if dataset == "HuggingFaceH4/ultrachat_200k":
-        path = tmp_path / "ultrachat_200k_train_sft.parquet"
-        datasets.Dataset.from_list(ultrachat_rows()).to_parquet(str(path))
-        return str(path)
+    if dataset == "HuggingFaceH4/ultrachat_200k":  # a local clone: a folder with its two splits
+        folder = tmp_path / "ultrachat_200k"
+        (folder / "data").mkdir(parents=True)
+        rows = ultrachat_rows()
+        for split, part in (("train_sft", rows[:4]), ("test_sft", rows[4:])):
+            datasets.Dataset.from_list(part).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+        return str(folder)
     raise AssertionError(f"{config}: data.dataset {dataset!r} has no fixture of its schema here; add one")
 
 
@@ -113,9 +116,9 @@ def test_config_data_section_loads(config, tmp_path, monkeypatch):
             "validation.jsonl",
             "test.jsonl",
         }
-    else:  # ultrachat: the first exchange of `messages`; validation from `val_split` (test_sft on the hub)
-        expected = sorted(r["prompt"] for r in ultrachat_rows())
-        assert sorted(r["prompt"] for r in records["train"]) == expected
-        assert sorted(r["prompt"] for r in records["validation"]) == expected, "one local file stands for both splits"
+    else:  # ultrachat: the first exchange of `messages`; validation from `val_split` (test_sft)
+        prompts = [r["prompt"] for r in ultrachat_rows()]
+        assert sorted(r["prompt"] for r in records["train"]) == prompts[:4]
+        assert sorted(r["prompt"] for r in records["validation"]) == prompts[4:], "the held-out split, never train"
         for row in records["train"] + records["validation"]:
             assert row["response"] == row["prompt"].replace("Question", "Answer").replace("?", ".")

@@ -82,3 +82,32 @@ def test_read_pairs_bad_files(tmp_path):
 def test_length_grouped_batches_must_be_positive():
     with pytest.raises(ConfigError, match="data.length_grouped_batches: must be >= 1"):
         SelfPlayDataModule(length_grouped_batches=0)
+
+
+def _pairs_file(path, prompts) -> str:
+    path.write_text("".join(json.dumps({"prompt": p, "response": f"answer to {p}"}) + "\n" for p in prompts))
+    return str(path)
+
+
+def test_a_split_name_on_one_file_is_refused_naming_both_fields(tmp_path):
+    """A file has no splits: `val_split` on it would read the training rows again as validation."""
+    data = _pairs_file(tmp_path / "mine.jsonl", [f"q{i}" for i in range(10)])
+    with pytest.raises(ConfigError, match=r"data.val_split: 'test_sft' names a split, but data.dataset .*mine.jsonl"):
+        SelfPlayDataModule(dataset=data, val_split="test_sft")
+    SelfPlayDataModule(dataset=data, val_fraction=0.2)  # the way to hold rows out of one file
+
+
+def test_validation_prompts_that_are_training_prompts_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    train = _pairs_file(tmp_path / "train.jsonl", [f"q{i}" for i in range(20)])
+    for prompts, refused in (([f"q{i}" for i in range(10)], True), ([f"q{i}" for i in range(19, 39)], False)):
+        datamodule = SelfPlayDataModule(dataset=train, val_dataset=_pairs_file(tmp_path / "val.jsonl", prompts))
+        datamodule.trainer = SimpleNamespace(is_global_zero=True, default_root_dir=str(tmp_path / "run"))
+        if refused:
+            with pytest.raises(
+                ConfigError, match=r"data.val_dataset: 10 of 10 validation prompts \(100%\) are also training"
+            ):
+                datamodule.load_records()
+        else:  # 1 of 20 (5%) is within the allowance
+            assert len(datamodule.load_records()["validation"]) == 20

@@ -22,7 +22,6 @@ def _opponent(tiny_model_dir, tokenizer) -> Opponent:
         precompute_logps=True,
         logps_from_generation=False,
         starts_as_base=True,
-        iteration=lambda: 0,
         elapsed_seconds=lambda: 0.0,
     )
 
@@ -41,7 +40,7 @@ def _examples(tokenizer, n: int = 6) -> list[dict]:
 def test_scoring_halves_the_batch_on_out_of_memory(tiny_model_dir, tokenizer, monkeypatch, caplog):
     opponent = _opponent(tiny_model_dir, tokenizer)
     expected = _examples(tokenizer)
-    opponent.score(expected, ("real", "generated"), batch_size=2)
+    opponent.score(expected, ("real", "generated"), 0, batch_size=2)
 
     logps, sizes = Opponent.logps, []
 
@@ -54,7 +53,7 @@ def test_scoring_halves_the_batch_on_out_of_memory(tiny_model_dir, tokenizer, mo
     monkeypatch.setattr(Opponent, "logps", logps_or_run_out_of_memory)
     got = _examples(tokenizer)
     with caplog.at_level(logging.WARNING, logger="lowrank_spin.opponent"):
-        opponent.score(got, ("real", "generated"), batch_size=4)
+        opponent.score(got, ("real", "generated"), 0, batch_size=4)
     assert sizes == [4, 2, 2, 2], "halved once, then kept for the rest of the pass"
     assert "set data.batch_size to 2" in caplog.text
     for want, have in zip(expected, got):

@@ -135,12 +135,12 @@ def _both_sides(loss_type, beta, iteration, precompute, share_prompt, model_dir,
         with torch.no_grad():
             for param in models.lora_parameters(module.model, models.POLICY).values():
                 param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    assert module.opponent.is_base == (iteration == 0)
+    assert module.opponent.is_base(iteration) == (iteration == 0)
     module.train()
 
     examples = [dict(e) for e in examples]
     if precompute:
-        module.opponent.score(examples, ("real", "generated"), batch_size=2)
+        module.opponent.score(examples, ("real", "generated"), iteration, batch_size=2)
     collate = module.opponent.collator(("real", "generated"))
     assert ("targets" in collate(examples)) == share_prompt
     assert ("opponent_real_logps" in collate(examples)) == precompute

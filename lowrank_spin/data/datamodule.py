@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -135,6 +136,12 @@ class SelfPlayDataModule(L.LightningDataModule):
             errors += source_errors(hp.dataset, "data.dataset", hp.dataset_config, hp.data_files)
         if hp.val_dataset and hp.val_dataset != hp.dataset:
             errors += source_errors(hp.val_dataset, "data.val_dataset")
+        if hp.val_split and hp.val_dataset in (None, hp.dataset) and Path(hp.dataset).expanduser().is_file():
+            errors.append(
+                f"data.val_split: {hp.val_split!r} names a split, but data.dataset {hp.dataset!r} is one file, "
+                "which has none: validation would be the training rows. Give data.val_dataset (a held-out "
+                "file) or data.val_fraction, and set data.val_split: null"
+            )
         return errors + self.sampling.errors() + self.evaluation.errors()
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -153,9 +160,16 @@ class SelfPlayDataModule(L.LightningDataModule):
         if not self.records:
             self.records = self.load_records()
 
-    def attach_opponent(self, opponent: Opponent) -> None:
-        """The one seam to the model: everything generated or scored goes through `opponent`. Returns None."""
+    def attach_opponent(self, opponent: Opponent, epochs_per_iteration: int) -> None:
+        """The one seam to the model: everything generated or scored goes through `opponent`; an
+        iteration is `epochs_per_iteration` of the trainer's epochs. Returns None."""
         self.opponent = opponent
+        self.epochs_per_iteration = epochs_per_iteration
+
+    @property
+    def iteration(self) -> int:
+        """The iteration the trainer's current epoch belongs to (the one the train dataloader serves)."""
+        return self.trainer.current_epoch // self.epochs_per_iteration
 
     def load_records(self) -> dict[str, list[dict]]:
         """The annotated rows by split: the embedded task's (also written to `data/` as jsonl) or the user's."""
@@ -205,6 +219,8 @@ class SelfPlayDataModule(L.LightningDataModule):
             else:
                 log.warning("data.max_samples=%d: only %d training rows, all used", hp.max_samples, len(train))
             train = draw(train, hp.max_samples, hp.seed)
+        field = "data.val_dataset" if hp.val_dataset else "data.val_split" if hp.val_split else "data.val_fraction"
+        raise_if_any(overlap_errors(train, records.get("validation", []), field))
         return {"train": train, **records}
 
     @property
@@ -241,8 +257,8 @@ class SelfPlayDataModule(L.LightningDataModule):
     # ---- what training and evaluation read --------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        responses = self.opponent.responses
-        examples = self.examples["train"] if responses == ("real",) else self.pairs(self.opponent.iteration)
+        responses = self.opponent.responses(self.iteration)
+        examples = self.examples["train"] if responses == ("real",) else self.pairs(self.iteration)
         # The order depends only on (seed, epoch), so a resumed epoch sees the batches it would have seen.
         order = length_grouped_order(
             [len(e["prompt_ids"]) + sum(len(e[f"{name}_ids"]) for name in responses) for e in examples],
@@ -290,7 +306,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         if self.hparams.keep_previous_iterations and iteration > self.opponent.objective.first_self_play_iteration:
             previous = [self._from_row(row) for row in self._earlier_rows(iteration - 1, "keep_previous_iterations")]
             # the older generated responses, scored by the current opponent
-            self.opponent.score(previous, ("real", "generated"), self.hparams.batch_size)
+            self.opponent.score(previous, ("real", "generated"), iteration, self.hparams.batch_size)
             examples += previous
         self._pairs = (iteration, examples)
         return examples
@@ -342,6 +358,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         generated, stats = self.opponent.generate(
             [e["prompt_ids"] for e in examples],
             self.sampling,
+            iteration,
             seed=self.hparams.seed + 1000 * iteration,
             progress_path=progress,
             desc=f"iter {iteration} generate",
@@ -366,7 +383,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         for example, proto in zip(examples, protos):
             proto_ids = drawn_ids(proto, "generated", self.opponent.tokenizer, self.hparams.system_prompt)
             example.update(proto=proto["generated"], proto_finished=proto["generated_finished"], proto_ids=proto_ids)
-        self.opponent.score_for_training(examples, generated, self.hparams.batch_size)
+        self.opponent.score_for_training(examples, generated, iteration, self.hparams.batch_size)
         rows = [
             {k: v for k, v in e.items() if k not in ("prompt_ids", "real_ids")} | {"iteration": iteration}
             for e in examples
@@ -460,3 +477,20 @@ def _gather_shards(generated: list) -> list:
     shards = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(shards, generated)
     return [next(shard[i] for shard in shards if shard[i] is not None) for i in range(len(generated))]
+
+
+MAX_OVERLAP = 0.05  # the share of evaluation prompts that may also be training prompts (chat data repeats a few)
+
+
+def overlap_errors(train: list[dict], validation: list[dict], field: str) -> list[str]:
+    """An evaluation split whose prompts are training prompts beyond `MAX_OVERLAP` would select on the
+    training data (`best/`, patience): one error naming the overlap and an example (empty when fine)."""
+    seen = {row["prompt"] for row in train}
+    shared = [row["prompt"] for row in validation if row["prompt"] in seen]
+    if not validation or len(shared) <= MAX_OVERLAP * len(validation):
+        return []
+    return [
+        f"{field}: {len(shared)} of {len(validation)} validation prompts ({len(shared) / len(validation):.0%}) are "
+        f"also training prompts, e.g. {shared[0][:80]!r}; evaluation and model selection would read the "
+        f"training data (at most {MAX_OVERLAP:.0%} may overlap). Give held-out rows"
+    ]

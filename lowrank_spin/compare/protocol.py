@@ -341,6 +341,7 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
         )
     choice = select_sft_adapter(RunDir(stage1_dir), protocol.patience)
     choice["adapter"] = str(RunDir(stage1_dir).iteration(choice["iteration"]))
+    seed_dir.mkdir(parents=True, exist_ok=True)  # (a shared stage 1 has not made it)
     write_text_atomic(seed_dir / "stage1.json", json.dumps(choice, indent=1))
     print(
         f"[compare] seed {seed} stage 1: validation NLL {', '.join(f'{x:.4f}' for x in choice['nll'])}; "

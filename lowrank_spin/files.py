@@ -3,11 +3,17 @@ renamed, so a kill never leaves a half-written file that a resumed run would tru
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+class RunInUse(RuntimeError):
+    """Another live process holds the run directory's lock (`RunDir.writer`)."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -136,6 +142,36 @@ class RunDir:
     def data(self) -> Path:
         """The embedded task's splits as jsonl."""
         return self.root / "data"
+
+    @property
+    def lock(self) -> Path:
+        """Held (flock) by the one process writing the run; holds its process id."""
+        return self.root / "run.lock"
+
+    @contextlib.contextmanager
+    def writer(self):
+        """Be the run's only writer for the block: an exclusive `flock` on `run.lock`, which the operating
+        system releases when the process ends however it ends, so a killed run never blocks its own
+        resume. Raises RunInUse, naming the process that holds it, when another live process does."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise RunInUse(
+                    f"{self.root} is being written by another run, process {holder} (it holds {self.lock.name}). "
+                    "Wait for it to end (or stop it), then resume with --ckpt_path last."
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def previous_run(self) -> list[str]:
         """What an earlier run left here (adapters, synthetic data, checkpoints, evaluated iterations),

@@ -122,3 +122,13 @@ def test_config_data_section_loads(config, tmp_path, monkeypatch):
         assert sorted(r["prompt"] for r in records["validation"]) == prompts[4:], "the held-out split, never train"
         for row in records["train"] + records["validation"]:
             assert row["response"] == row["prompt"].replace("Question", "Answer").replace("?", ".")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
+def test_shipped_configs_log_to_wandb_offline_unless_the_user_opts_in(config):
+    """A job without a W&B login must not stop at a login prompt: W&B loggers ship offline."""
+    import yaml
+
+    logger = (yaml.safe_load(open(config)).get("trainer") or {}).get("logger") or {}
+    if "WandbLogger" in str(logger.get("class_path", "")):
+        assert logger["init_args"].get("offline") is True, config

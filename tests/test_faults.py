@@ -206,3 +206,47 @@ def test_broken_files_found_at_resume_are_named_and_the_run_recovers(tmp_path, c
         for name in want:
             torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
     assert files.read_jsonl(synthetic) == files.read_jsonl(reference / "iter_1" / "synthetic.jsonl")
+
+
+@pytest.mark.slow
+def test_a_second_fit_into_a_live_run_is_refused_and_a_killed_run_blocks_nothing(tmp_path, cache_dir):
+    """Two real `fit` processes into one run directory: the second exits at once naming the first's
+    process id, writing nothing; once the first is killed (SIGKILL: no clean-up of its own), the
+    operating system has released its lock and the resume goes ahead."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import fit_command, subprocess_env
+
+    env = subprocess_env(cache_dir)
+    first = subprocess.Popen(
+        fit_command(fit_args(tmp_path, "--model.num_iterations", "40")),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        lock = files.RunDir(tmp_path).lock
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took its lock"
+            time.sleep(0.2)
+        before = sorted(p.name for p in tmp_path.rglob("*") if "logs" not in p.parts)
+        second = subprocess.run(
+            fit_command(fit_args(tmp_path, "--model.num_iterations", "40", "--ckpt_path", "last", csv_logs=False)),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert f"is being written by another run, process {first.pid}" in second.stderr
+        assert first.poll() is None, "the first run goes on"
+        assert not list(tmp_path.glob("checkpoints/*-v1.ckpt")), "no second writer's checkpoints"
+        assert set(before) <= {p.name for p in tmp_path.rglob("*") if "logs" not in p.parts}
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with files.RunDir(tmp_path).writer():  # released by the kill: a resume is not blocked
+        assert files.RunDir(tmp_path).lock.read_text().strip() == str(os.getpid())

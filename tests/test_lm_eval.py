@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
 import torch
+from conftest import randomize_lora
 
 from lowrank_spin import models
 from lowrank_spin.embedded import task
@@ -68,3 +70,58 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` sees when it is not installed
     with pytest.raises(ImportError, match="pip install lm_eval"):
         evaluate_adapter("unused", None, "unused.jsonl")
+
+
+LOGLIKELIHOOD_TASK = """task: tiny_loglikelihood
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: " {{{{answer}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+metadata:
+  version: 1.0
+"""
+
+
+def test_any_task_list_scores_the_adapter_not_just_the_base(cache_dir, tmp_path, monkeypatch, one_thread):
+    """A task of the user's own (`--include-path`), by name, next to the embedded one: a trained adapter
+    changes the log-likelihood lm_eval measures, so an adapter that were ignored would fail this."""
+    from lowrank_spin.lm_eval_runner import evaluate_adapter
+
+    monkeypatch.chdir(tmp_path)
+    path = models.resolve_model_path(models.TINY_LLAMA, cache_dir)
+    model = models.attach_lora(models.load_base_model(path), LoRASettings(rank=4, alpha=8))
+    randomize_lora(model, seed=0, scale=0.5)  # Δθ != 0, as after training
+    adapter = models.save_adapter(model, tmp_path / "iter_0")
+    problems = task.make_splits(4, 0, 4, seed=0)["test"]
+    task.write_jsonl(problems, tmp_path / "test.jsonl")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.yaml").write_text(LOGLIKELIHOOD_TASK.format(data=tmp_path / "test.jsonl"))
+    tasks = ["tiny_loglikelihood", TASK]
+
+    def run(adapter_dir):
+        return evaluate_adapter(
+            path, adapter_dir, str(tmp_path / "test.jsonl"), limit=2, tasks=tasks, include_path=str(tmp_path / "tasks")
+        )
+
+    with_adapter, base = run(str(adapter)), run(None)
+    assert set(with_adapter) == set(tasks)
+    assert with_adapter["tiny_loglikelihood"]["num_examples"] == 2
+    assert with_adapter[TASK]["num_examples"] == 2
+    ppl, base_ppl = with_adapter["tiny_loglikelihood"]["perplexity"], base["tiny_loglikelihood"]["perplexity"]
+    assert math.isfinite(ppl) and math.isfinite(base_ppl)
+    assert abs(ppl - base_ppl) > 1e-3 * base_ppl, "the adapter changed nothing: was it loaded?"
+
+
+def test_the_embedded_task_needs_its_test_file():
+    from lowrank_spin.lm_eval_runner import evaluate_adapter
+
+    with pytest.raises(ValueError, match="--test-jsonl"):
+        evaluate_adapter("unused", None, None)

@@ -323,7 +323,7 @@ def markdown(report: dict) -> str:
         accuracy = ", ".join("n/a" if x is None else f"{x:.3f}" for x in choice.get("accuracy", []))
         nll = ", ".join(f"{x:.4f}" for x in choice["nll"])
         stopped = (
-            f"capped at {protocol['sft_iterations']}, still improving"
+            f"capped at {len(choice['nll'])}, still improving"
             if choice["stopped_at"] is None
             else str(choice["stopped_at"])
         )
@@ -335,7 +335,8 @@ def markdown(report: dict) -> str:
         lines.insert(
             0,
             f"**Stage 1 was capped, not converged** (seed {', '.join(capped)}): SFT was still improving at "
-            f"--sft_iterations {protocol['sft_iterations']}, so stage 2 did not start from a plateau.\n",
+            f"its last iteration ({', '.join(str(len(report['stage1'][seed]['nll'])) for seed in capped)} SFT iterations), "
+            "so stage 2 did not start from a plateau.\n",
         )
     return "\n".join(lines) + "\n"
 

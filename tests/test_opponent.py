@@ -44,11 +44,11 @@ def test_scoring_halves_the_batch_on_out_of_memory(tiny_model_dir, tokenizer, mo
 
     logps, sizes = Opponent.logps, []
 
-    def logps_or_run_out_of_memory(self, batch, num_responses=2):
+    def logps_or_run_out_of_memory(self, batch, iteration, num_responses=2):
         sizes.append(batch["num_examples"])
         if batch["num_examples"] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
-        return logps(self, batch, num_responses)
+        return logps(self, batch, iteration, num_responses)
 
     monkeypatch.setattr(Opponent, "logps", logps_or_run_out_of_memory)
     got = _examples(tokenizer)

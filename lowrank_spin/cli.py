@@ -111,6 +111,11 @@ class SelfPlayCLI(LightningCLI):
           read-only folder) ends with one message and status 1, with what was saved before intact."""
         install_sigterm_handler()
         root = self.trainer.default_root_dir
+        if kwargs.get("ckpt_path") == "last" and RunDir(root).finished(model.hparams.num_iterations):
+            if self.trainer.is_global_zero:  # (read only: it touches nothing, the lock included)
+                print(f"{root}: the run is finished (its last iteration saved and evaluated); nothing to resume")
+                print(format_results(RunDir(root).read_results(), run_dir=root))
+            return
         # one writer per run directory (rank 0 stands for a multi-process run)
         writer = RunDir(root).writer() if self.trainer.is_global_zero else contextlib.nullcontext()
         try:
@@ -121,11 +126,6 @@ class SelfPlayCLI(LightningCLI):
 
     def _fit(self, model, root: str, **kwargs) -> None:
         if kwargs.get("ckpt_path") == "last":
-            if RunDir(root).finished(model.hparams.num_iterations):
-                if self.trainer.is_global_zero:
-                    print(f"{root}: the run is finished (its last iteration saved and evaluated); nothing to resume")
-                    print(format_results(RunDir(root).read_results(), run_dir=root))
-                return
             kwargs["ckpt_path"] = last_good_checkpoint(RunDir(root).checkpoints)
         try:
             self.trainer.fit(model, **kwargs)

@@ -11,7 +11,6 @@ import pytest
 import yaml
 from test_configs import ultrachat_rows
 
-from lowrank_spin import compare
 from lowrank_spin.data import SelfPlayDataModule, read_pairs
 from lowrank_spin.data.sources import draw, hold_out
 from lowrank_spin.settings import ConfigError
@@ -164,7 +163,8 @@ def test_hub_dataset_with_config_and_data_files(tmp_path, monkeypatch):
 
     def fake_load_dataset(path, name=None, split=None, data_files=None, **kwargs):
         calls.append({"path": path, "name": name, "split": split, "data_files": data_files, **kwargs})
-        return datasets.Dataset.from_list(ultrachat_rows(4))
+        rows = ultrachat_rows(8)  # held-out rows of their own: validation is never the training rows
+        return datasets.Dataset.from_list(rows[4:] if split == "test_sft" else rows[:4])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     rows = read_pairs(
@@ -353,8 +353,12 @@ def test_data_files_with_a_single_file_and_unknown_suffix(tmp_path):
 
 def _sizes(config, fractions, num_train=None, overrides=()) -> dict:
     """`data.max_samples` per data fraction, as `compare` plans them for `config` (None: as given)."""
-    settings = compare._settings(str(config), list(overrides))
-    return compare._training_sizes(settings["data"], fractions, num_train)[0]
+    from lowrank_spin.cli import parse_config
+    from lowrank_spin.compare import protocol
+
+    settings, errors = protocol.read_settings(parse_config, str(config), list(overrides))
+    assert errors == []
+    return protocol._training_sizes(settings["data"], fractions, num_train)[0]
 
 
 def test_compare_uses_the_users_data_as_given(tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from conftest import TINY
 
 from lowrank_spin import compare
 from lowrank_spin.cli import build_cli, parse_config
+from lowrank_spin.compare import protocol as compare_protocol
 from lowrank_spin.evaluation import best_iteration
 from lowrank_spin.files import RunDir
 from lowrank_spin.settings import ConfigError
@@ -301,3 +303,49 @@ def test_a_user_chat_dataset_runs_the_protocol_on_its_validation_rows(tmp_path, 
     table = (output / "comparison.md").read_text()
     assert "Final gold NLL/token on the validation split (6 rows; seeds 0; 1 iterations)" in table
     assert f"| spin_100pct | 100% | {spin['nll_mean']:.3f} ± " in table and "Final accuracy" not in table
+
+
+def test_a_variant_is_an_arm_with_its_own_settings_and_no_one_elses(tmp_path):
+    """`--variant NAME OBJECTIVE KEY=VALUE...`: one more stage-2 run per seed, in its own folder, whose
+    settings reach its fit and no other arm's."""
+    stage1 = RunDir(tmp_path / "stage1")
+    stage1.root.mkdir()
+    for iteration in (-1, 0, 1):
+        stage1.write_result({"iteration": iteration, "split": "validation", "accuracy": 0.1, "nll": 1.0})
+    argv = ["--config", TINY, "--output", str(tmp_path / "out"), "--stage1", str(stage1.root), "--arms", "sft"]
+    argv += ["--fraction_arms", "--no-test", "--variant", "spin_anchor", "spin", "model.objective.nll_weight=1.0"]
+    argv += ["--variant", "spin_cool", "spin", "data.sampling.temperature=0.5"]
+    args, overrides = compare_protocol.parse_arguments(argv)
+    settings, errors = compare_protocol.read_settings(parse_config, TINY, overrides)
+    assert errors == [] and compare_protocol.argument_errors(args, overrides, settings) == []
+    protocol = compare_protocol.plan(args, overrides, settings)
+    calls = []
+    compare_protocol.run_seed(calls.append, protocol, seed=0, group="g")
+    runs = {Path(a[a.index("--trainer.default_root_dir") + 1]).name: a for a in calls}
+    assert list(runs) == ["sft_100pct", "spin_anchor", "spin_cool"]
+    assert "--model.objective.name=spin" in runs["spin_anchor"] and "--model.objective.name=sft" in runs["sft_100pct"]
+    assert "--model.objective.nll_weight=1.0" in runs["spin_anchor"]
+    assert "--data.sampling.temperature=0.5" in runs["spin_cool"]
+    assert not any("nll_weight" in a or "temperature" in a for a in runs["sft_100pct"] + runs["spin_cool"][:-1])
+
+
+def test_a_bad_variant_is_refused_before_any_fit(tmp_path):
+    calls = []
+    with pytest.raises(ConfigError) as error:
+        compare.main(
+            ["--config", TINY, "--output", str(tmp_path), "--variant", "sft_100pct", "dpo"]
+            + ["--variant", "lr", "spin", "data.evaluation.max_examples=3", "model.lora.init_adapter=x"]
+            + ["--variant", "typo", "spin", "model.objective.nll_weigth=1.0"],
+            fit=calls.append,
+            parse=parse_config,
+        )
+    assert calls == [] and not list(tmp_path.iterdir())
+    message = str(error.value)
+    for expected in (
+        "--variant sft_100pct: the name must be a new identifier",
+        "--variant sft_100pct: the objective must be one of",
+        "--variant lr: 'data.evaluation.max_examples=3' must be KEY=VALUE",
+        "--variant lr: 'model.lora.init_adapter=x'",
+        "nll_weigth",
+    ):
+        assert expected in message, expected

@@ -20,6 +20,7 @@ from lowrank_spin.compare.protocol import (
     read_settings,
     run_seed,
     select_sft_adapter,
+    variant_overrides,
 )
 from lowrank_spin.compare.report import build_report, load_report, markdown, write_report
 from lowrank_spin.settings import raise_if_any
@@ -33,6 +34,8 @@ def main(argv: list[str], fit: Callable[[list[str]], object], parse: Callable[[l
     plan reads comes through it. Bad arguments raise one ConfigError, listing each, before any fit starts."""
     args, overrides = parse_arguments(argv)
     settings, errors = read_settings(parse, args.config, overrides)
+    for flags in variant_overrides(args):  # each variant's own settings, type-checked by the same parser
+        errors += read_settings(parse, args.config, [*overrides, *flags])[1]
     raise_if_any(argument_errors(args, overrides, settings) + errors)
     protocol = plan(args, overrides, settings)
     group = os.environ.get("WANDB_RUN_GROUP") or Path(args.output).resolve().name

@@ -15,7 +15,9 @@ Each seed (`seed_everything` and `data.seed`) runs the whole protocol in `<outpu
    every later arm starts from it; continued SFT past it is the control.
 2. **Stage 2:** from that adapter (`model.lora.init_adapter`), continued SFT, SPIN and T-SPIN for the
    config's `model.num_iterations`, on 100% of the annotated data, plus the data-scarcity arms
-   (`--fraction_arms`, T-SPIN by default, on each of `--data_fractions` of the rows, `data.max_samples`).
+   (`--fraction_arms`, T-SPIN by default, on each of `--data_fractions` of the rows, `data.max_samples`),
+   plus any named variants (`--variant spin_anchor spin model.objective.nll_weight=1.0`: an objective
+   on all the data with settings of its own, to study on validation which SPIN settings hold up).
    Every arm trains the same total number of optimizer steps: an arm on a fraction of the rows trains
    proportionally more epochs per iteration (`--no-equal_steps`: the same epochs). Each arm is evaluated
    (greedy accuracy, gold NLL, held-out rewards) on the validation split after every iteration.
@@ -70,17 +72,24 @@ PROTOCOL_FLAGS = (
 )
 
 
+# What a `--variant` may change: how an arm trains and samples, not what every arm is measured on.
+VARIANT_PREFIXES = ("model.", "data.sampling.")
+
+
 @dataclass(frozen=True)
 class Arm:
-    """One stage-2 run of each seed: an objective on a fraction of the annotated rows."""
+    """One stage-2 run of each seed: an objective on a fraction of the annotated rows, or a named
+    variant (`--variant`): an objective on all of them with settings of its own (`flags`)."""
 
     objective: str
     fraction: float = 1.0
+    label: str = ""
+    flags: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        """Its folder and report name, e.g. `tspin_25pct`."""
-        return f"{self.objective}_{int(round(self.fraction * 100))}pct"
+        """Its folder and report name, e.g. `tspin_25pct`, or the variant's own."""
+        return self.label or f"{self.objective}_{int(round(self.fraction * 100))}pct"
 
 
 BASELINE = Arm("sft")  # continued SFT on all the data: every arm is paired with it
@@ -97,6 +106,15 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"stage-2 arms on all the data, of {ARMS}")
     parser.add_argument("--fraction_arms", nargs="*", default=["tspin"], help="the data-scarcity arms' objectives")
     parser.add_argument("--data_fractions", nargs="*", type=float, default=[0.25, 0.5], help="each in (0, 1)")
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME OBJECTIVE KEY=VALUE",
+        help="another arm on all the data: its name, its objective and its own settings, e.g. "
+        "--variant spin_anchor spin model.objective.nll_weight=1.0 (repeatable; model.* and data.sampling.*)",
+    )
     parser.add_argument(
         "--num_train",
         type=int,
@@ -154,6 +172,7 @@ def argument_errors(args: argparse.Namespace, overrides: list[str], settings: di
     for flag, values, allowed in (("--arms", args.arms, ARMS), ("--fraction_arms", args.fraction_arms, ARMS)):
         if bad := [v for v in values if v not in allowed]:
             errors.append(f"{flag}: each must be one of {ARMS}, got {bad}")
+    errors += _variant_errors(args)
     if "sft" not in args.arms:
         errors.append("--arms: must include sft, the continued-SFT baseline every arm is paired with")
     if bad := [f for f in args.data_fractions if not 0 < f < 1]:
@@ -184,6 +203,31 @@ def argument_errors(args: argparse.Namespace, overrides: list[str], settings: di
     if settings:
         errors += _data_errors(settings["data"])
     return errors
+
+
+def _variant_errors(args: argparse.Namespace) -> list[str]:
+    """Each `--variant NAME OBJECTIVE KEY=VALUE...`: a new name, a known objective, settings it may change."""
+    errors, taken = [], {Arm(a).name for a in args.arms} | {"start", "test", "stage1_sft"}
+    for variant in args.variant:
+        name, objective, flags = variant[0], (variant[1:2] or [None])[0], variant[2:]
+        if not name.isidentifier() or name in taken:
+            errors.append(f"--variant {name}: the name must be a new identifier (not {sorted(taken)})")
+        taken.add(name)
+        if objective not in ARMS:
+            errors.append(f"--variant {name}: the objective must be one of {ARMS}, got {objective!r}")
+        for flag in flags:
+            key, equals, _ = flag.partition("=")
+            if not equals or not key.startswith(VARIANT_PREFIXES) or "--" + key in PROTOCOL_FLAGS:
+                errors.append(
+                    f"--variant {name}: {flag!r} must be KEY=VALUE with KEY under {' or '.join(VARIANT_PREFIXES)} "
+                    "(not one compare sets per run)"
+                )
+    return errors
+
+
+def variant_overrides(args: argparse.Namespace) -> list[list[str]]:
+    """Each variant's settings as `fit` flags, to be parsed (and refused) before any fit starts."""
+    return [[f"--{flag}" for flag in variant[2:]] for variant in args.variant]
 
 
 def _data_errors(data: dict) -> list[str]:
@@ -234,6 +278,7 @@ def plan(args: argparse.Namespace, overrides: list[str], settings: dict) -> Prot
 
     model, data = settings["model"], settings["data"]
     arms = [Arm(a) for a in dict.fromkeys(args.arms)]
+    arms += [Arm(v[1], label=v[0], flags=tuple(f"--{flag}" for flag in v[2:])) for v in args.variant]
     arms += [Arm(a, f) for f in sorted(args.data_fractions) for a in dict.fromkeys(args.fraction_arms)]
     fractions = sorted({arm.fraction for arm in arms})
     epochs, batch = model["epochs_per_iteration"], data["batch_size"]
@@ -368,6 +413,7 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
                 f"--model.epochs_per_iteration={protocol.epochs[arm.fraction]}",
                 *start,
                 *sized,
+                *arm.flags,
             ],
             group,
             f"seed{seed}_{arm.name}",

@@ -23,6 +23,7 @@ from lowrank_spin.embedded import task
 from lowrank_spin.evaluation import best_iteration, evaluate
 from lowrank_spin.faults import safe_point
 from lowrank_spin.files import RunDir, write_text_atomic
+from lowrank_spin.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ class IterationBoundaries(L.Callback):
             "split": split,
             **metrics,
             **(rewards or {}),
+            **self._win_rates(trainer, iteration, samples),
             "seconds": time.perf_counter() - start,
         }
         for logger in trainer.loggers:
@@ -203,6 +205,19 @@ class IterationBoundaries(L.Callback):
             run_dir.iteration(iteration).mkdir(parents=True, exist_ok=True)
             write_text_atomic(run_dir.eval_samples(iteration), json.dumps(samples, indent=1))
         log.info("eval after %s: %s", "start" if iteration == BEFORE else f"iteration {iteration}", metrics)
+
+    def _win_rates(self, trainer: L.Trainer, iteration: int, samples: list[dict]) -> dict:
+        """Win rates of the evaluated answers against the gold responses and the initial model's answers,
+        judged by the reward model `data.evaluation.judge` (judge.py: created once per run, its weights loaded
+        for each evaluation); empty without one."""
+        name = trainer.datamodule.evaluation.judge
+        if name is None:
+            return {}
+        if getattr(self, "_judge", None) is None:
+            self._judge = Judge(name, trainer.strategy.root_device, batch_size=trainer.datamodule.hparams.batch_size)
+        before = RunDir(trainer.default_root_dir).eval_samples(BEFORE)
+        initial = json.loads(before.read_text()) if iteration != BEFORE and before.exists() else None
+        return self._judge.win_rates(samples, initial)
 
 
 def _best_name(iteration: int) -> str:
@@ -217,6 +232,8 @@ def format_results(results: dict[int, dict], run_dir: str, logger=None, objectiv
     run's files are. With the run's `objective` settings each iteration names what it trained."""
     best = RunDir(run_dir).read_best()
     header = f"{'':<10}{'objective':>10}{'accuracy':>10}{'nll/token':>11}{'gen length':>12}{'reward acc':>12}"
+    judged = any(row.get("win_rate_vs_gold") is not None for row in results.values())
+    header += f"{'win vs gold':>13}{'win vs init':>13}" if judged else ""
     lines = ["", header]
     for iteration in sorted(results):
         row = results[iteration]
@@ -225,9 +242,13 @@ def format_results(results: dict[int, dict], run_dir: str, logger=None, objectiv
         trained = "" if iteration == BEFORE or objective is None else objective.name_at(iteration)
         accuracy = f"{row['accuracy']:.3f}" if row.get("accuracy") is not None else "n/a"
         rewards = f"{row['reward_accuracy']:.2f}" if row.get("reward_accuracy") is not None else "-"
-        lines.append(
-            f"{name:<10}{trained:>10}{accuracy:>10}{row['nll']:>11.3f}{row['generated_tokens']:>12.1f}{rewards:>12}"
-        )
+        line = f"{name:<10}{trained:>10}{accuracy:>10}{row['nll']:>11.3f}{row['generated_tokens']:>12.1f}{rewards:>12}"
+        if judged:  # the reward model's win rates (judge.py): vs the gold responses, vs the initial model
+            line += "".join(
+                f"{row[key]:>13.2f}" if row.get(key) is not None else f"{'-':>13}"
+                for key in ("win_rate_vs_gold", "win_rate_vs_initial")
+            )
+        lines.append(line)
     if best:
         lines.append(f"* best by validation {best['metric']}: {_best_name(best['iteration'])}")
     if (stop := RunDir(run_dir).early_stop).exists():

@@ -270,6 +270,9 @@ class EvaluationSettings:
             checked (the embedded task), else nll. Chosen on the validation split only.
         patience: stop iterating once the best iteration is this many iterations old (None: run
             every iteration). Needs `every_iteration` and the validation split.
+        judge: a reward model (local folder or hub id of a Hugging Face sequence-classification model
+            with one label) that scores every evaluation's answers: win rates of the policy against the
+            gold responses and against the initial model's answers (`judge.py`; None = off).
     """
 
     split: str = "validation"
@@ -279,6 +282,7 @@ class EvaluationSettings:
     max_examples: int | None = None
     select_by: str = AUTO
     patience: int | None = None
+    judge: str | None = None
 
     def selection_metric(self, answers_checked: bool) -> str:
         """The metric `select_by` means for a task whose answers are (or are not) checked."""
@@ -305,6 +309,8 @@ class EvaluationSettings:
             )
         if self.patience is not None and not self.every_iteration:
             errors.append(f"{prefix}.patience: needs data.evaluation.every_iteration: true")
+        if self.judge is not None:
+            errors += judge_errors(self.judge, f"{prefix}.judge")
         return errors
 
 
@@ -349,6 +355,35 @@ def model_path_errors(name_or_path: str, embedded: tuple[str, ...]) -> list[str]
     )
     if not has_template:
         return [f"{field}: the tokenizer in {str(path)!r} has no chat template; prompts are rendered with it"]
+    return []
+
+
+def judge_errors(name_or_path: str, field: str) -> list[str]:
+    """A judge must be a reward model: a model whose config says it is a sequence classifier with one
+    label (its score), with a tokenizer. Read from its config (no weights) when the config is parsed, not
+    found out at the first evaluation; a hub id that is neither cached nor reachable is an error too."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith((".", "/", "~")) and not path.exists():
+        return [f"{field}: folder {str(path)!r} does not exist"]
+    source = str(path) if path.exists() else name_or_path
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return [f"{field}: cannot read a model config from {name_or_path!r} ({reason})"]
+    architectures = config.architectures or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        return [
+            f"{field}: {name_or_path!r} is {', '.join(architectures) or 'a ' + config.model_type + ' model'}, "
+            "not a reward model (a sequence-classification model with one label, AutoModelForSequenceClassification)"
+        ]
+    if config.num_labels != 1:
+        return [f"{field}: {name_or_path!r} has {config.num_labels} labels; a reward model has 1 (its score)"]
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "spm.model")
+    if path.is_dir() and not any((path / name).is_file() for name in tokenizer_files):
+        return [f"{field}: {str(path)!r} has no tokenizer (tokenizer.json / tokenizer_config.json)"]
     return []
 
 

@@ -28,6 +28,7 @@ LAYERS = [
     {"opponent"},
     {"data"},
     {"evaluation", "lm_eval_tasks"},
+    {"judge"},
     {"callbacks"},
     {"module"},
     {"compare", "lm_eval_runner"},

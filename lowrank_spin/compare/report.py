@@ -16,6 +16,12 @@ from lowrank_spin.evaluation import paired_difference
 from lowrank_spin.files import RunDir, write_text_atomic
 from lowrank_spin.settings import per_iteration
 
+# a judge's win rates (judge.py): of each arm's answers against the gold responses and against the
+# run's initial model, which for a stage-2 arm is the stage-1 start
+WIN_RATES = tuple(
+    f"win_rate_vs_{reference}{suffix}" for reference in ("gold", "initial") for suffix in ("", "_ci_low", "_ci_high")
+)
+
 
 def build_report(protocol: Protocol) -> dict:
     """Read every seed's runs into the report: `rows` (per seed, arm, split, iteration), `summary` (per
@@ -39,6 +45,7 @@ def build_report(protocol: Protocol) -> dict:
             "overrides": list(protocol.overrides),
             "seeds": list(protocol.seeds),
             "arms": [arm.name for arm in protocol.arms],
+            "variants": {arm.name: [arm.objective, *arm.flags] for arm in protocol.arms if arm.label},
             "num_iterations": protocol.num_iterations,
             "sft_iterations": protocol.sft_iterations,
             "patience": protocol.patience,
@@ -77,6 +84,8 @@ def _eval_row(seed: int, name: str, arm: Arm, split: str, iteration, result: dic
         # held-out pairs (gold vs the opponent's answers)
         "reward_accuracy": result.get("reward_accuracy"),
         "reward_margin": result.get("reward_margin"),
+        # judged by the reward model `data.evaluation.judge`, when one was named (judge.py)
+        **{k: result.get(k) for k in WIN_RATES if k in result},
     }
 
 
@@ -187,6 +196,11 @@ def summarize(rows: list[dict], protocol: Protocol, split: str) -> list[dict]:
             "nll_vs_sft_mean": None if name == BASELINE.name else _mean_of(nll_differences),
             "generated_tokens_mean": _mean_of([r["generated_tokens"] for r in finals]),
             **_spread("vs_sft", differences),
+            **{
+                f"{key}_mean": _mean_of([r.get(key) for r in finals])
+                for key in ("win_rate_vs_gold", "win_rate_vs_initial")
+                if any(r.get(key) is not None for r in finals)
+            },
             "vs_sft_ci_per_seed": [[r["vs_sft_ci_low"], r["vs_sft_ci_high"]] for r in finals if "vs_sft" in r],
             **_pooled_difference(protocol, name, split, iteration),
             "train_steps_per_seed": [_total_steps(protocol, seed, name) for seed in [r["seed"] for r in finals]],
@@ -286,12 +300,18 @@ def markdown(report: dict) -> str:
     summary = report["summary"]
     checked = any(s["accuracy_mean"] is not None for s in summary)
     lines = _final_accuracy_table(protocol, summary) if checked else _final_nll_table(protocol, summary)
+    if protocol.get("variants"):
+        lines += ["", "Variants: " + "; ".join(f"{name} = {' '.join(v)}" for name, v in protocol["variants"].items())]
+    judged = any(r.get("win_rate_vs_gold") is not None for r in report["rows"])
+    if judged:
+        lines += _final_win_rate_table(protocol, summary)
     lines += [
         "",
         "### Validation, per iteration (model selection reads these, never the test split)",
         "",
-        "| seed | arm | data | iteration | accuracy [95% CI] | minus SFT, paired [95% CI] | gold NLL/token | gen. tokens | held-out reward acc. / margin | train reward acc. / margin | steps | train s | generate s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| seed | arm | data | iteration | accuracy [95% CI] | minus SFT, paired [95% CI] | gold NLL/token | gen. tokens | held-out reward acc. / margin | train reward acc. / margin | steps | train s | generate s |"
+        + (" judge win rate vs gold; vs start [95% CI] |" if judged else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if judged else ""),
     ]
     for r in report["rows"]:
         if r["split"] != "validation":
@@ -311,6 +331,7 @@ def markdown(report: dict) -> str:
             f"| {r['generated_tokens']:.1f} | {_fmt(r['reward_accuracy'])} / {_fmt(r['reward_margin'])} "
             f"| {_fmt(r.get('train_reward_accuracy'))} / {_fmt(r.get('train_reward_margin'))} | {r.get('train_steps') or ''} "
             f"| {_fmt(r.get('train_seconds'), 0)} | {_fmt(r.get('generation_seconds'), 0)} |"
+            + (f" {_win_rate(r, 'gold')}; {_win_rate(r, 'initial')} |" if judged else "")
         )
     lines += [
         "",
@@ -406,6 +427,32 @@ def _final_nll_table(protocol: dict, summary: list[dict]) -> list[str]:
             f"| {_fmt(s['train_real_drift_mean'], 2)} |"
         )
     return lines
+
+
+def _final_win_rate_table(protocol: dict, summary: list[dict]) -> list[str]:
+    """The judge's verdict on the final answers (judge.py): per arm, the mean over seeds of its win rate
+    against the gold responses and against the stage-1 start (a tie counts half; 0.5 = no better)."""
+    return [
+        "",
+        f"### Judge win rates on the {protocol['final_split']} split, final iteration (reward model "
+        "`data.evaluation.judge`; a tie counts half, 0.5 = as good as the reference)",
+        "",
+        "| arm | data | vs gold responses, mean over seeds | vs the stage-1 start, mean over seeds |",
+        "|---|---|---|---|",
+        *(
+            f"| {'start (stage-1 SFT)' if s['arm'] == START else s['arm']} | {s['data_fraction']:.0%} "
+            f"| {_fmt(s.get('win_rate_vs_gold_mean'))} | {_fmt(s.get('win_rate_vs_initial_mean'))} |"
+            for s in summary
+        ),
+    ]
+
+
+def _win_rate(row: dict, reference: str) -> str:
+    """`row`'s win rate against `reference` (gold or initial) with its 95% interval, or blank."""
+    key = f"win_rate_vs_{reference}"
+    if row.get(key) is None:
+        return ""
+    return f"{row[key]:.2f} [{row[key + '_ci_low']:.2f}, {row[key + '_ci_high']:.2f}]"
 
 
 def plot(report: dict, output: Path) -> None:

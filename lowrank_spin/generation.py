@@ -7,8 +7,9 @@ flushed, so a run killed mid-generation loses at most one unit. Under DDP each r
 of the units. The engines (`sampling.engine`):
 
 - `HFEngine` (default): transformers' `generate`, left-padded, per batch, drawing with our `Sampler`.
-- `vllm_engine.VLLMEngine` (optional, CUDA): vLLM serving the base with the opponent's LoRA adapter,
-  saved per call; imported only when named.
+- `vllm_engine.VLLMEngine` (optional, CUDA): vLLM serving the policy's own base (nf4 for a 4-bit one)
+  with the opponent's LoRA adapter, saved per call, awake only during the call; its responses carry no
+  log-prob (the training model scores them). Imported only when named.
 
 On CUDA out of memory a unit is retried with half the rows at a time, with a warning.
 """
@@ -47,6 +48,7 @@ class Generated:
     # (re-tokenising `text` need not give them back). None in progress files written before they were kept.
     token_ids: list[int] | None = None
     # log p(token_ids | prompt) under the generating model at temperature 1, summed over the tokens
+    # (None from the vllm engine: the training model scores its responses)
     logp: float | None = None
 
 
@@ -270,8 +272,9 @@ def _generate_batch(
     return results
 
 
-def _generated(tokenizer, stops: set[int], tokens: list[int], logp: float) -> Generated:
-    """A response from its drawn tokens (the end-of-turn token last when it finished)."""
+def _generated(tokenizer, stops: set[int], tokens: list[int], logp: float | None) -> Generated:
+    """A response from its drawn tokens (the end-of-turn token last when it finished) and their log-prob
+    under the generating model (None: not recorded, to be scored)."""
     finished = bool(tokens) and tokens[-1] in stops
     text_tokens = tokens[:-1] if finished else tokens
     return Generated(tokenizer.decode(text_tokens, skip_special_tokens=True), len(text_tokens), finished, tokens, logp)

@@ -36,6 +36,8 @@ class Opponent:
             module scores on the fly every step and `score` does nothing.
         logps_from_generation: take the opponent's log-probs of its generated responses from the
             generation pass (same weights, eval mode, the drawn tokens) instead of a scoring forward.
+            HF generation only: the vllm engine records none (another implementation of the model),
+            so its responses are scored by this model, with a warning saying so.
         starts_as_base: no initial adapter, so the opponent of iteration 0 is the bare base (Δθ0 = 0).
         elapsed_seconds: the run's wall clock, shared with the module's step logs.
     """
@@ -60,6 +62,7 @@ class Opponent:
         self.logps_from_generation = logps_from_generation
         self.starts_as_base = starts_as_base
         self.elapsed_seconds = elapsed_seconds
+        self._warned_vllm_scores = False
 
     # Every call that depends on the iteration takes it: the opponent of iteration t is the policy at the
     # end of iteration t-1 (the last `snapshot`), the bare base at t = 0 without an initial adapter.
@@ -91,6 +94,14 @@ class Opponent:
     ) -> tuple[list[Generated | None], dict[str, float]]:
         """One response per prompt from the opponent, in prompt order, and the timing statistics
         (`generation.generate_responses`)."""
+        if sampling.engine == "vllm" and self.logps_from_generation and not self._warned_vllm_scores:
+            log.warning(
+                "model.opponent_logps_from_generation is off with data.sampling.engine vllm: the opponent's "
+                "log-probs of its generated responses come from a scoring forward of the training model, as "
+                "the real ones do, not from vLLM, whose kernels (and nf4 layers) are another implementation "
+                "of the model, not measured to agree with it (scripts/vllm_check.py measures the gap)"
+            )
+            self._warned_vllm_scores = True
         with self.active(iteration):
             return generate_responses(
                 self.model,

@@ -209,12 +209,15 @@ class SamplingSettings:
         batch_size: prompts generated at once (also for evaluation's greedy answers); on CUDA out of
             memory it is halved for the rest of the run, with a warning.
         engine: how (`generation.make_engine`): `hf` (default), transformers' `generate`; `vllm`, the
-            optional vLLM engine (`pip install 'lowrank_spin[vllm]'`, CUDA) serving the base with the
-            opponent's LoRA adapter. On a CPU a larger `batch_size` pays more than any engine (1.8x new
+            optional vLLM engine (`pip install 'lowrank_spin[vllm]'`, CUDA) serving the policy's own base
+            (vLLM's bitsandbytes nf4 for a 4-bit base, else the policy's dtype) with the opponent's LoRA
+            adapter; the training model scores its responses (`model.opponent_logps_from_generation`
+            does not apply). On a CPU a larger `batch_size` pays more than any engine (1.8x new
             tokens/s at 64 vs 16 for SmolLM2-135M, benchmarks/RESULTS.md).
         prompts_per_flush: prompts generated and written to the progress file together, and seeded
             together: a killed run loses at most this many (default `batch_size`).
-        vllm_gpu_memory_utilization: the share of GPU memory vLLM may take (the trained model shares the GPU).
+        vllm_gpu_memory_utilization: the share of GPU memory vLLM may take while it generates (the trained
+            model shares the GPU); vLLM sleeps between generations, its memory released for training.
     """
 
     temperature: float = 1.0

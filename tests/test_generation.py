@@ -1,4 +1,6 @@
-"""Batched, resumable generation behind its engines (hf, vllm with a fake vLLM), and its sampler."""
+"""Batched, resumable generation behind its engines (hf; vllm with a fake vLLM: what it serves, its
+adapter per iteration, its sleep around training, and the training model scoring its responses), and
+its sampler."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import types
 
 import pytest
 import torch
-from conftest import randomize_lora
+from conftest import fit_args, randomize_lora
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import LogitsProcessorList
@@ -20,7 +22,8 @@ from lowrank_spin import batching, generation, models, vllm_engine
 from lowrank_spin.batching import Collator
 from lowrank_spin.data.chat import render_prompt
 from lowrank_spin.generation import Sampler, generate_responses
-from lowrank_spin.settings import LoRASettings, SamplingSettings
+from lowrank_spin.opponent import Opponent
+from lowrank_spin.settings import LoRASettings, ObjectiveSettings, SamplingSettings
 
 
 def _eos_likelier(model, tokenizer, amount: float = 1.0) -> None:
@@ -216,38 +219,63 @@ def test_out_of_memory_halves_the_batch_with_a_warning(tiny_model_dir, tokenizer
     assert "data.sampling.batch_size to 2" in caplog.text
 
 
-def test_vllm_engine_serves_the_saved_opponent_adapter_per_shard(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
-    """With a fake vLLM: the opponent's adapter is saved and sent as a LoRARequest, requests carry the
-    sampling settings, stop ids and per-request seeds, only this rank's units are sent, and vLLM's
-    completions become `Generated` (finished at a stop id, log-probs summed)."""
-    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
-    randomize_lora(model)
-    models.snapshot_opponent(model)
+@pytest.fixture
+def fake_vllm(monkeypatch, tokenizer) -> list[tuple]:
+    """A stand-in `vllm` package whose `LLM` records what it is asked, in order: ("init", kwargs),
+    ("generate", prompts, params, lora_request), ("sleep", level), ("wake_up",). Every even row draws
+    [5, 6, eos] (finished), every odd row [7, 8, 9, 10] (hits a 4-token limit), each token at log-prob
+    -0.5: not what the HF model gives them, so a test sees which model's log-probs were used."""
+    events: list[tuple] = []
     eos = tokenizer.eos_token_id
-    calls = []
 
     class FakeLLM:
         def __init__(self, **kwargs):
-            calls.append(("init", kwargs))
+            events.append(("init", kwargs))
 
         def generate(self, prompts, params, lora_request=None, use_tqdm=True):
-            calls.append(("generate", prompts, params, lora_request))
+            events.append(("generate", prompts, params, lora_request))
             outputs = []
             for k in range(len(prompts)):
-                tokens = [5, 6, eos] if k % 2 == 0 else [7, 8, 9, 10]  # even rows finish, odd ones hit the limit
+                tokens = [5, 6, eos] if k % 2 == 0 else [7, 8, 9, 10]
                 logprobs = [{t: types.SimpleNamespace(logprob=-0.5)} for t in tokens]
-                completion = types.SimpleNamespace(token_ids=tokens, logprobs=logprobs)
-                outputs.append(types.SimpleNamespace(outputs=[completion]))
+                outputs.append(
+                    types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=tokens, logprobs=logprobs)])
+                )
             return outputs
+
+        def sleep(self, level=1):
+            events.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            events.append(("wake_up",))
 
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = FakeLLM, lambda **kwargs: kwargs
     lora = types.ModuleType("vllm.lora.request")
-    lora.LoRARequest = lambda name, lora_id, path: types.SimpleNamespace(name=name, id=lora_id, path=path)
+    lora.LoRARequest = lambda name, lora_id, path: types.SimpleNamespace(
+        lora_name=name, lora_int_id=lora_id, lora_path=path
+    )
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
     monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
-    monkeypatch.setattr(vllm_engine, "_VLLM", {})
+    monkeypatch.setattr(vllm_engine, "_VLLM", {})  # no engine left over from another test
+    return events
+
+
+def _saved_adapter_equals(folder: str, model, adapter: str) -> bool:
+    saved = load_file(f"{folder}/adapter_model.safetensors")
+    expected = get_peft_model_state_dict(model, adapter_name=adapter)
+    return saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+def test_vllm_engine_serves_the_saved_opponent_adapter_per_shard(tiny_model_dir, tokenizer, tmp_path, fake_vllm):
+    """The opponent's adapter is saved and sent as a LoRARequest, requests carry the sampling settings,
+    stop ids and per-request seeds, only this rank's units are sent, and vLLM's completions become
+    `Generated` (finished at a stop id) without vLLM's log-prob; `draw` still gives them per token."""
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
+    randomize_lora(model)
+    models.snapshot_opponent(model)
+    eos = tokenizer.eos_token_id
 
     prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(10)]
     sampling = SamplingSettings(batch_size=2, max_new_tokens=4, temperature=0.7, top_k=0, engine="vllm")
@@ -256,7 +284,7 @@ def test_vllm_engine_serves_the_saved_opponent_adapter_per_shard(tiny_model_dir,
             model, tokenizer, prompts, sampling, seed=3, progress_path=tmp_path / "p.jsonl", shard=(1, 2)
         )
     assert stats["engine"] == "vllm"
-    (_, init), *requests = calls
+    (_, init), *requests = [e for e in fake_vllm if e[0] in ("init", "generate")]
     assert init["model"] == tiny_model_dir and init["enable_lora"] and init["max_lora_rank"] >= 4
     order = sorted(range(10), key=lambda i: (len(prompts[i]), i))
     units = [order[i : i + 2] for i in range(0, 10, 2)]
@@ -265,15 +293,118 @@ def test_vllm_engine_serves_the_saved_opponent_adapter_per_shard(tiny_model_dir,
     assert params[0]["temperature"] == 0.7 and params[0]["top_k"] == -1 and params[0]["max_tokens"] == 4
     assert eos in params[0]["stop_token_ids"] and params[0]["logprobs"] == 0
     assert [p["seed"] for p in params] == [3 * 1_000_003 + 1, 3 * 1_000_003 + 2]
-    adapter = requests[0][3].path
-    saved = load_file(f"{adapter}/adapter_model.safetensors")
-    opponent = get_peft_model_state_dict(model, adapter_name=models.OPPONENT)
-    assert saved.keys() == opponent.keys() and all(torch.equal(saved[k], opponent[k]) for k in saved)
+    assert _saved_adapter_equals(requests[0][3].lora_path, model, models.OPPONENT)
     mine = [i for u in (1, 3) for i in units[u]]
     assert [i for i, g in enumerate(generated) if g is not None] == sorted(mine)
     first, second = generated[units[1][0]], generated[units[1][1]]
-    assert first.finished and first.token_ids == [5, 6, eos] and first.num_tokens == 2 and first.logp == -1.5
-    assert not second.finished and second.num_tokens == 4 and second.logp == -2.0
+    assert first.finished and first.token_ids == [5, 6, eos] and first.num_tokens == 2 and first.logp is None
+    assert not second.finished and second.num_tokens == 4 and second.logp is None
+    with models.opponent(model):
+        engine = generation.make_engine(model, tokenizer, sampling)
+    assert engine.draw(prompts[:2], seed=0) == [([5, 6, eos], [-0.5] * 3), ([7, 8, 9, 10], [-0.5] * 4)]
+
+
+@pytest.mark.parametrize("base", ["nf4", "bfloat16", "float32"])
+def test_vllm_serves_the_policy_base_quantized_as_it_is(tiny_model_dir, tokenizer, fake_vllm, base):
+    """vLLM is built from the policy's own base: a 4-bit base as vLLM's bitsandbytes (nf4) in the compute
+    dtype, a plain one in its dtype, never a full-precision copy; with LoRA and sleep mode on."""
+    loaded = (
+        models.load_base_model(tiny_model_dir, load_in_4bit=True, compute_dtype="float32")
+        if base == "nf4"
+        else models.load_base_model(tiny_model_dir, dtype=base)
+    )
+    generation.make_engine(models.attach_lora(loaded, LoRASettings(rank=4)), tokenizer, SamplingSettings(engine="vllm"))
+    [(_, init)] = [e for e in fake_vllm if e[0] == "init"]
+    assert init["model"] == tiny_model_dir
+    assert init["dtype"] == ("float32" if base == "nf4" else base)
+    assert init.get("quantization") == ("bitsandbytes" if base == "nf4" else None)
+    assert init["enable_lora"] and init["enable_sleep_mode"]
+
+
+def test_vllm_responses_are_scored_by_the_training_model_with_a_lora_request_per_iteration(
+    tiny_model_dir, tokenizer, tmp_path, fake_vllm, caplog
+):
+    """With vLLM the SPIN reference log-probs of the generated responses are the training model's (the
+    opponent adapter on, eval mode), not vLLM's -0.5 per token, though opponent_logps_from_generation is
+    on (a warning says why it is off). Each iteration sends its own opponent adapter under a new
+    LoRARequest id to one LLM."""
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4, alpha=8))
+    randomize_lora(model)
+    models.snapshot_opponent(model)
+    opponent = Opponent(
+        model,
+        tokenizer,
+        ObjectiveSettings(name="spin"),
+        share_prompt=False,
+        precompute_logps=True,
+        logps_from_generation=True,
+        starts_as_base=False,
+        elapsed_seconds=lambda: 0.0,
+    )
+    prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(4)]
+    sampling = SamplingSettings(batch_size=4, max_new_tokens=4, engine="vllm")
+    requests = []
+    for iteration in (1, 2):
+        if iteration == 2:  # the policy moved and became the next opponent
+            randomize_lora(model, seed=2)
+            models.snapshot_opponent(model)
+        with caplog.at_level(logging.WARNING, logger="lowrank_spin.opponent"):
+            generated, _ = opponent.generate(
+                prompts,
+                sampling,
+                iteration,
+                seed=0,
+                progress_path=tmp_path / f"{iteration}.jsonl",
+                desc="",
+                shard=(0, 1),
+            )
+        examples = [
+            {"prompt_ids": p, "real_ids": [11, 12, tokenizer.eos_token_id], "generated_ids": g.token_ids}
+            for p, g in zip(prompts, generated)
+        ]
+        opponent.score_for_training(examples, generated, iteration, batch_size=4)
+        model.eval()
+        with torch.no_grad(), models.opponent(model):
+            want = batching.response_logps(model, Collator(tokenizer.pad_token_id, ("generated",))(examples))
+        got = torch.tensor([e["opponent_generated_logps"] for e in examples])
+        torch.testing.assert_close(got, want)
+        assert all(abs(e["opponent_generated_logps"] + 0.5 * len(e["generated_ids"])) > 1e-3 for e in examples)
+        request = [e for e in fake_vllm if e[0] == "generate"][-1][3]
+        assert _saved_adapter_equals(request.lora_path, model, models.OPPONENT), f"iteration {iteration}'s opponent"
+        requests.append(request)
+    assert requests[0].lora_int_id != requests[1].lora_int_id
+    assert [e[0] for e in fake_vllm].count("init") == 1, "one LLM for the run"
+    assert caplog.text.count("model.opponent_logps_from_generation is off with data.sampling.engine vllm") == 1
+
+
+def test_vllm_sleeps_through_training_and_wakes_to_generate(tmp_path, cache_dir, fake_vllm, monkeypatch):
+    """A 2-iteration fit with the vllm engine: vLLM is built once, awake; every generate happens
+    awake, every training step and opponent scoring asleep (level 1), and wake-ups and sleeps alternate."""
+    from lowrank_spin import settings
+    from lowrank_spin.cli import build_cli
+    from lowrank_spin.module import SelfPlayLoRA
+
+    monkeypatch.setattr(settings, "_vllm_errors", lambda prefix: [])  # no CUDA here: the fake stands in
+    for cls, method in ((SelfPlayLoRA, "training_step"), (Opponent, "score")):
+        real = getattr(cls, method)
+
+        def recorded(self, *args, _real=real, _name=method, **kwargs):
+            fake_vllm.append((_name,))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, recorded)
+    build_cli(fit_args(tmp_path, "--data.sampling.engine", "vllm", "--data.num_train", "8"))
+    events = [e[0] for e in fake_vllm]
+    assert events[0] == "init" and events.count("init") == 1
+    awake = True
+    for event in events[1:]:
+        if event in ("wake_up", "sleep"):
+            assert awake == (event == "sleep"), f"{event} while {'awake' if awake else 'asleep'}: {events}"
+            awake = event == "wake_up"
+        else:
+            assert awake == (event == "generate"), f"{event} while {'awake' if awake else 'asleep'}: {events}"
+    assert events.count("training_step") == 4 and events.count("score") >= 2 and not awake
+    assert all(e[1] == 1 for e in fake_vllm if e[0] == "sleep")
 
 
 def test_sampling_settings_name_the_engine_field():

@@ -1,16 +1,21 @@
 """The CUDA paths, for real where a GPU is present (`requires_cuda`; skipped elsewhere).
 
 scripts/gpu_check.sh runs these first on a GPU machine; on the CPU machines this project is developed
-on they are skipped, and the README says so.
+on they are skipped, and the README says so. The last tests run anywhere: the GPU check's scripts parse,
+name what is missing, and run through on CPU with a fake vLLM.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import chat_batch, dequantized_reference, randomize_lora
+from test_generation import fake_vllm  # noqa: F401 (a fixture)
 
 from lowrank_spin import batching, models
 from lowrank_spin.generation import generate_responses
@@ -60,3 +65,48 @@ def test_flash_attention_2_gives_the_log_probs_of_sdpa(tiny_model_dir, tokenizer
                 base, {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
             )
     torch.testing.assert_close(logps["flash_attention_2"], logps["sdpa"], rtol=2e-2, atol=0.5)
+
+
+# ---- scripts/gpu_check.sh and scripts/vllm_check.py, on any machine -------------------------------------
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPTS / "gpu_check.sh")], check=True)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None, reason="it can run here"
+)
+def test_vllm_check_names_what_is_missing():
+    done = subprocess.run([sys.executable, str(SCRIPTS / "vllm_check.py")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "vllm_check: cannot run here:" in done.stderr and "nothing was measured" in done.stderr
+    assert ("no CUDA" in done.stderr) == (not torch.cuda.is_available())
+    assert ("vLLM not installed" in done.stderr) == (importlib.util.find_spec("vllm") is None)
+
+
+def test_vllm_check_runs_through_with_a_fake_vllm_on_cpu(tiny_model_dir, fake_vllm, monkeypatch):  # noqa: F811
+    """The check's whole path on the tiny model, with the fake vLLM and CUDA's calls stubbed: it gets one
+    short run on a GPU, so a mistake in its plumbing should show here first. The fake's log-probs (-0.5
+    per token) are not the model's: the numbers are meaningless, the report's shape is checked."""
+    spec = importlib.util.spec_from_file_location("vllm_check", SCRIPTS / "vllm_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)
+    for name, value in {
+        "synchronize": lambda: None,
+        "mem_get_info": lambda: (2**30, 2**31),
+        "get_device_name": lambda index=0: "fake GPU",
+        "max_memory_allocated": lambda: 0,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    report = check.run_check(tiny_model_dir, num_prompts=2, max_new_tokens=3, seed=0)
+    assert [r["lora_request"]["id"] for r in report["rounds"]] == sorted(
+        {r["lora_request"]["id"] for r in report["rounds"]}
+    )
+    assert all(r["vllm_vs_training_model"]["tokens"] > 0 for r in report["rounds"])
+    init = [e for e in fake_vllm if e[0] == "init"]
+    assert len(init) == 1 and init[0][1]["quantization"] == "bitsandbytes"
+    assert len(check.summary_lines(report)) == 8  # a heading, two per adapter, three more

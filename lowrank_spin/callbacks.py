@@ -5,6 +5,11 @@ DataModule generates with the opponent when Lightning reloads the train dataload
 The callback asks the module only through its boundary interface (`ends_iteration`, `last_iteration`,
 `save_adapter`, `snapshot_opponent`, `evaluation_inputs`, `heldout_rewards`, `objective`), passes the
 iteration explicitly, and calls downward only (evaluation, files).
+
+Checkpoints and SIGTERM (faults.py): `StepCheckpoint` writes one every n optimizer steps and, on SIGTERM,
+one at the step the run is on before it stops; `BoundaryCheckpoint` writes the one after each epoch's
+end (after the boundary) and stops a SIGTERMed run once it is written. A SIGTERM during a boundary's
+evaluation abandons it; the boundary's checkpoint records it, and the resumed run evaluates it first.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from lowrank_spin.embedded import task
 from lowrank_spin.evaluation import best_iteration, evaluate
-from lowrank_spin.faults import safe_point
+from lowrank_spin.faults import Preempted, kill_point, stop, stop_requested
 from lowrank_spin.files import RunDir, write_text_atomic
 from lowrank_spin.judge import Judge
 
@@ -36,22 +41,56 @@ class StepCheckpoint(ModelCheckpoint):
     iteration's start (the CLI's `step_checkpoint` group).
 
     Never at an epoch's last batch: the iteration boundary (adapter, opponent snapshot) has not
-    happened there yet, and the boundary's own checkpoint (the CLI's `checkpoint`) follows it.
+    happened there yet, and the boundary's own checkpoint (`BoundaryCheckpoint`) follows it.
+
+    On SIGTERM: a checkpoint at the end of the optimizer step the run is on, whatever the interval, then
+    the run stops (status 143), so its resume redoes no finished step.
     """
 
     def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
-        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+        if not trainer.strategy.reduce_boolean_decision(stop_requested(), all=False):
+            return
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            # Mid-accumulation: this step's gradients are in memory only, so wait for the step's end.
+            # Lightning would stop right after this batch (status 0, no checkpoint) on its own SIGTERM flag.
+            trainer._signal_connector.received_sigterm = False
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        saved = self._last_global_step_saved == trainer.global_step
+        stop("train_step", checkpoint=self.best_model_path if saved else None)
+
+
+class BoundaryCheckpoint(ModelCheckpoint):
+    """The CLI's `checkpoint`: written at each epoch's end, after the iteration boundary (adapter, opponent
+    snapshot, evaluation; checkpoint callbacks run last). A run SIGTERMed during the epoch's last step or
+    its boundary stops (status 143) once it is written."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
+        super().on_train_epoch_end(trainer, module)
+        if trainer.strategy.reduce_boolean_decision(stop_requested(), all=False):
+            saved = self._last_global_step_saved == trainer.global_step
+            stop("epoch_end", checkpoint=(self.last_model_path or self.best_model_path) if saved else None)
 
 
 class IterationBoundaries(L.Callback):
+    def __init__(self):
+        # an evaluation a SIGTERM abandoned at this boundary ({iteration, rewards, step}); in the checkpoint
+        self._unevaluated: dict | None = None
+
     def on_fit_start(self, trainer: L.Trainer, module) -> None:
         for logger in _wandb_loggers(trainer):
             # evaluation curves over iterations, not optimizer steps
             logger.experiment.define_metric("eval/iteration")
             logger.experiment.define_metric("eval/*", step_metric="eval/iteration")
+        if not trainer.strategy.restore_checkpoint_after_setup:  # the checkpoint's weights are loaded by now
+            self._evaluate_unevaluated(trainer, module)
 
     def on_train_start(self, trainer: L.Trainer, module) -> None:
+        self._evaluate_unevaluated(trainer, module)  # (DeepSpeed loads the checkpoint only after on_fit_start)
         if BEFORE not in RunDir(trainer.default_root_dir).read_results():
             self._evaluate(trainer, module, BEFORE)
         self._epoch_start = time.perf_counter()  # (a run resumed mid-epoch gets no on_train_epoch_start)
@@ -62,7 +101,7 @@ class IterationBoundaries(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
         # before the checkpoint callbacks (Lightning runs them last), so a step checkpoint holds this batch
         trainer.datamodule.batch_trained()
-        safe_point("train_step")
+        kill_point("train_step")  # (a SIGTERM stops after StepCheckpoint has written this step)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
         for logger in trainer.loggers:
@@ -78,18 +117,48 @@ class IterationBoundaries(L.Callback):
         iteration = module.iteration
         module.save_adapter(RunDir(trainer.default_root_dir).iteration(iteration), write=trainer.is_global_zero)
         if trainer.is_global_zero:
-            safe_point("adapter_saved")
+            kill_point("adapter_saved")  # (a SIGTERM stops after the boundary's checkpoint: BoundaryCheckpoint)
         evaluate_now = iteration == module.last_iteration or trainer.datamodule.evaluation.every_iteration
         # held-out rewards need the opponent of iteration t, so they come before the snapshot
         rewards = self._heldout_rewards(trainer, module, iteration) if evaluate_now else {}
         # θ0 + Δθt: the policy at the end of iteration t becomes the opponent of iteration t+1.
         module.snapshot_opponent()
         if evaluate_now:
-            self._evaluate(trainer, module, iteration, rewards)
-            self._track_best(trainer, module, iteration)
+            try:
+                self._evaluate(trainer, module, iteration, rewards)
+            except Preempted:
+                # Stop within seconds, not after the evaluation: the boundary's checkpoint, written next,
+                # records it as undone (`state_dict`), and the resumed run does it first.
+                self._unevaluated = {"iteration": iteration, "rewards": rewards, "step": trainer.global_step}
+                log.warning(
+                    "SIGTERM: the evaluation of iteration %d is abandoned; the resumed run does it first", iteration
+                )
+            else:
+                self._track_best(trainer, module, iteration)
         self._log_samples(trainer, iteration)
 
-    def _track_best(self, trainer: L.Trainer, module, iteration: int) -> None:
+    def _evaluate_unevaluated(self, trainer: L.Trainer, module) -> None:
+        """The evaluation a SIGTERM abandoned at the boundary this run resumes from, before anything else:
+        the policy restored is the one it was to evaluate, that iteration's end, and its held-out rewards
+        (which need the opponent before the snapshot) come from the checkpoint. Another SIGTERM stops the
+        run again, the checkpoint unchanged. (Under DeepSpeed, whose checkpoint loads after on_fit_start, a
+        last iteration's abandoned evaluation is not redone: nothing is left to train, so no on_train_start.)"""
+        pending = self._unevaluated
+        if pending is None or pending["iteration"] in RunDir(trainer.default_root_dir).read_results():
+            self._unevaluated = None
+            return
+        log.info("evaluating iteration %d first: a SIGTERM stopped its evaluation", pending["iteration"])
+        self._evaluate(trainer, module, pending["iteration"], pending["rewards"], step=pending["step"])
+        self._track_best(trainer, module, pending["iteration"], step=pending["step"])
+        self._unevaluated = None
+
+    def state_dict(self) -> dict:
+        return {"unevaluated": self._unevaluated} if self._unevaluated else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._unevaluated = state_dict.get("unevaluated")
+
+    def _track_best(self, trainer: L.Trainer, module, iteration: int, step: int | None = None) -> None:
         """Keep `best/` on the best iteration so far by the validation metric, and stop iterating once it
         is `patience` iterations old (SPIN's later iterations can get worse: never ship one by accident)."""
         datamodule = trainer.datamodule
@@ -105,7 +174,7 @@ class IterationBoundaries(L.Callback):
         if trainer.is_global_zero and run_dir.read_best() != record:
             run_dir.write_best(best, record)
         for logger in trainer.loggers:
-            logger.log_metrics({"eval/best_iteration": best}, step=trainer.global_step)
+            logger.log_metrics({"eval/best_iteration": best}, step=trainer.global_step if step is None else step)
         last = module.last_iteration
         if settings.patience is not None and iteration - best >= settings.patience and iteration < last:
             reason = (
@@ -173,7 +242,9 @@ class IterationBoundaries(L.Callback):
             # (e.g. the next arm of `lowrank-spin compare`) starts a run of its own
             logger.experiment.finish()
 
-    def _evaluate(self, trainer: L.Trainer, module, iteration: int, rewards: dict | None = None) -> None:
+    def _evaluate(
+        self, trainer: L.Trainer, module, iteration: int, rewards: dict | None = None, step: int | None = None
+    ) -> None:
         datamodule = trainer.datamodule
         split, examples = datamodule.eval_split, datamodule.eval_examples
         if not examples:
@@ -198,7 +269,10 @@ class IterationBoundaries(L.Callback):
             "seconds": time.perf_counter() - start,
         }
         for logger in trainer.loggers:
-            logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if k != "split"}, step=trainer.global_step)
+            logger.log_metrics(
+                {f"eval/{k}": v for k, v in metrics.items() if k != "split"},
+                step=trainer.global_step if step is None else step,
+            )
         if trainer.is_global_zero:
             run_dir = RunDir(trainer.default_root_dir)
             run_dir.write_result(metrics)

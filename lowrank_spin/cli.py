@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lowrank_spin import compare, lm_eval_runner
-from lowrank_spin.callbacks import StepCheckpoint, format_results
+from lowrank_spin.callbacks import BoundaryCheckpoint, StepCheckpoint, format_results
 from lowrank_spin.data import SelfPlayDataModule
 from lowrank_spin.faults import RunStopped, install_sigterm_handler
-from lowrank_spin.files import RunDir, RunInUse
+from lowrank_spin.files import AtomicCheckpointIO, RunDir, RunInUse
 from lowrank_spin.module import SelfPlayLoRA
 from lowrank_spin.settings import ConfigError, deepspeed_errors, output_dir_errors, raise_if_any
 
@@ -56,7 +56,7 @@ class SelfPlayCLI(LightningCLI):
             compute_fn=lambda iterations, epochs: iterations * epochs,
         )
         # `--ckpt_path last` must find the checkpoints of the run in trainer.default_root_dir.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BoundaryCheckpoint, "checkpoint")
         parser.add_lightning_class_args(StepCheckpoint, "step_checkpoint")
         for group in ("checkpoint", "step_checkpoint"):
             parser.link_arguments(
@@ -83,6 +83,14 @@ class SelfPlayCLI(LightningCLI):
                 "trainer.reload_dataloaders_every_n_epochs": 1,
             }
         )
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # checkpoints written to a temporary name and renamed; DeepSpeed writes folders of its own
+        strategy = trainer.strategy
+        if not isinstance(strategy, DeepSpeedStrategy) and type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def before_fit(self) -> None:
         errors = output_dir_errors(self.trainer.default_root_dir)

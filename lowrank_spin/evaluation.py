@@ -11,6 +11,7 @@ import torch
 from lowrank_spin.batching import Collator, batches, response_logps
 from lowrank_spin.data.chat import response_ids
 from lowrank_spin.embedded import task
+from lowrank_spin.faults import safe_point
 from lowrank_spin.generation import generate_responses
 from lowrank_spin.opponent import Opponent
 from lowrank_spin.settings import SamplingSettings
@@ -138,6 +139,7 @@ def gold_nll(model, examples: list[dict], collate, batch_size: int) -> tuple[flo
     total, tokens = 0.0, 0
     try:
         for _, batch in batches(examples, collate, batch_size, device):
+            safe_point("evaluation_batch")  # a SIGTERM abandons the evaluation here (callbacks.py)
             # chunked over the scored positions: no [batch, seq, vocab] float32 logits (GBs at 49k words)
             total += -response_logps(model, batch).sum().item()
             tokens += int(batch["response_lengths"].sum())

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 
 class RunInUse(RuntimeError):
@@ -17,22 +23,53 @@ class RunInUse(RuntimeError):
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename; returns None.
+    """Write `text` to `path` through a temporary file and a rename (`write_bytes_atomic`); returns None."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, fsynced, and a rename; returns None.
 
     A failed write (full disk, read-only folder) raises OSError with `path` as its filename, removes
     the temporary file and leaves any earlier `path` as it was."""
-    # a temporary name of its own, so concurrent writers (e.g. DDP ranks) never rename each other's file
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as f:
-        try:
-            f.write(text)
+    # a temporary name of its own, so concurrent writers (e.g. DDP ranks) never rename each other's file;
+    # created with the permissions `open` gives a new file (the umask applies), not a private temp file's
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    f = open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+    try:
+        with f:  # (closing flushes too, and can fail as well)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        except OSError as error:
-            os.unlink(f.name)
-            raise OSError(error.errno, error.strerror, str(path)) from error
-    os.replace(f.name, path)
+    except OSError as error:
+        os.unlink(temporary)
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    os.replace(temporary, path)
+    # the rename itself survives a power cut once the folder's entry is on disk (not every filesystem
+    # can fsync a folder: the file is in place either way)
+    with contextlib.suppress(OSError):
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, except that a local checkpoint is serialised in memory, written to a
+    temporary name in its folder, fsynced and renamed over its name (`write_bytes_atomic`): a kill or a
+    full disk mid-write leaves the previous checkpoint whole and no torn file under a checkpoint's name.
+    The CLI installs it for every strategy that saves checkpoint files (not DeepSpeed, which writes folders
+    of its own); remote paths go through Lightning's own writer."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # (as Lightning does: nothing touches the disk until it is whole)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, buffer.getbuffer())
 
 
 def write_jsonl_atomic(rows: list[dict], path: Path) -> None:

@@ -3,7 +3,8 @@
 The prompts are sorted by length and cut into flush units (`sampling.prompts_per_flush`, default one
 batch). Each unit is seeded from (seed, unit index) and the units are fixed by the length order, so a
 resumed generation equals an uninterrupted one; each unit is appended to a jsonl progress file and
-flushed, so a run killed mid-generation loses at most one unit. Under DDP each rank generates its share
+flushed, so a run killed mid-generation loses at most one unit; a SIGTERM stops a batch at its next
+token (`UntilSigterm`) and the run before the next unit. Under DDP each rank generates its share
 of the units. The engines (`sampling.engine`):
 
 - `HFEngine` (default): transformers' `generate`, left-padded, per batch, drawing with our `Sampler`.
@@ -27,10 +28,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from lowrank_spin import models
-from lowrank_spin.faults import safe_point
+from lowrank_spin.faults import safe_point, stop_requested
 from lowrank_spin.memory import halved_after_out_of_memory, release_freed_memory
 from lowrank_spin.settings import SamplingSettings
 from lowrank_spin.templates import end_of_turn_ids
@@ -111,6 +112,8 @@ def generate_responses(
                 outputs, rows = _generate_unit(
                     engine, [prompt_ids[i] for i in unit], seed * 1_000_003 + unit_index, rows
                 )
+                if stop_requested():  # SIGTERM during the unit: it may have been cut short (`UntilSigterm`)
+                    safe_point("generation_batch" if log_file else "unsaved_generation_batch")
                 for i, generated in zip(unit, outputs):
                     done[i] = generated
                     new_tokens += generated.num_tokens
@@ -262,6 +265,7 @@ def _generate_batch(
         synced_gpus=synced_gpus,  # ranks keep stepping until all have finished (ZeRO-3 collectives)
         do_sample=False,
         logits_processor=LogitsProcessorList([sampler]),
+        stopping_criteria=StoppingCriteriaList([UntilSigterm()]),
     )
     logps = sampler.logps.tolist() if sampler.logps is not None else [0.0] * len(prompts)  # None: no step ran
     stops = set(stop_ids)
@@ -270,6 +274,14 @@ def _generate_batch(
         end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
         results.append(_generated(tokenizer, stops, row[:end], logp))
     return results
+
+
+class UntilSigterm(StoppingCriteria):
+    """Ends every row of a `generate` call at the next token once SIGTERM has arrived (faults.py): a batch
+    of long answers can take minutes, and a preempted machine gives seconds. The driver drops that batch."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), stop_requested(), dtype=torch.bool, device=input_ids.device)
 
 
 def _generated(tokenizer, stops: set[int], tokens: list[int], logp: float | None) -> Generated:

@@ -1,21 +1,26 @@
 """Bad numbers and failed writes: a nan/inf step is skipped and counted, a run that keeps producing
 them stops with a message; a write that fails (full disk, read-only folder) stops the run with one
-message and leaves what was saved before intact and loadable, and the run resumes from there."""
+message and leaves what was saved before intact and loadable, and the run resumes from there. A
+checkpoint is whole or not there; SIGTERM ends a generation batch at its next token."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import signal
+import tempfile
 
 import lightning as L
 import pytest
 import torch
 from conftest import fit_args
 
-from lowrank_spin import files, models
+from lowrank_spin import faults, files, models
 from lowrank_spin.cli import build_cli
+from lowrank_spin.generation import generate_responses
 from lowrank_spin.module import SelfPlayLoRA
+from lowrank_spin.settings import SamplingSettings
 
 # the tiny config: 4 optimizer steps per iteration, 2 iterations
 
@@ -250,3 +255,60 @@ def test_a_second_fit_into_a_live_run_is_refused_and_a_killed_run_blocks_nothing
         first.wait()
     with files.RunDir(tmp_path).writer():  # released by the kill: a resume is not blocked
         assert files.RunDir(tmp_path).lock.read_text().strip() == str(os.getpid())
+
+
+def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path, cache_dir, monkeypatch):
+    """The CLI's checkpoint IO writes a checkpoint to a temporary name next to it and renames it: a write
+    that fails midway (a file-size limit, as a full disk does, 1 MB into 4) raises naming the checkpoint
+    and leaves the previous one whole, with no torn file under its name and no temporary file. It needs
+    nothing of TMPDIR (Lightning's own IO writes there first, and a move from another filesystem is a
+    copy, which a kill can tear)."""
+    import resource
+
+    checkpoint_io = build_cli(fit_args(tmp_path)[1:], run=False).trainer.strategy.checkpoint_io
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no such folder"))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint_io.save_checkpoint({"global_step": 1, "weights": torch.ones(8)}, path)
+    saved = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    kill = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG) instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+    try:
+        with pytest.raises(OSError) as failed:
+            checkpoint_io.save_checkpoint({"global_step": 2, "weights": torch.ones(2**20)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, kill)
+    assert failed.value.errno == errno.EFBIG and failed.value.filename == str(path)
+    assert path.read_bytes() == saved
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"], "no torn or temporary file"
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+def test_sigterm_ends_a_generation_batch_at_its_next_token(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """A real SIGTERM to this process at the 50th decoding step of one batch of 8 answers of 800 tokens:
+    the batch ends at its next token, not 750 tokens later, and is not kept (a cut answer is not an
+    answer); the run stops there (Preempted: status 143)."""
+    model = models.load_base_model(tiny_model_dir, dtype="float32")
+    forwards = 0  # one per decoding step (the first one over the prompts)
+
+    def sigterm_at_the_50th(module, args, output):
+        nonlocal forwards
+        forwards += 1
+        if forwards == 50:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    model.register_forward_hook(sigterm_at_the_50th)
+    monkeypatch.setattr(faults, "_stop_requested", False)
+    previous = signal.getsignal(signal.SIGTERM)
+    faults.install_sigterm_handler()
+    progress = tmp_path / "synthetic.partial.jsonl"
+    sampling = SamplingSettings(batch_size=8, max_new_tokens=800, temperature=0.0)
+    try:
+        with pytest.raises(faults.Preempted) as stopped:
+            generate_responses(model, tokenizer, [[5 + i, 6, 7, 8] for i in range(8)], sampling, progress_path=progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 143 and stopped.value.point == "generation_batch"
+    assert forwards == 50, "no decoding step after the one SIGTERM came in"
+    assert progress.read_text() == "", "the cut batch is not kept"

@@ -106,6 +106,38 @@ def _batch_info(examples: list[dict], responses: tuple[str, ...]) -> dict:
     return info
 
 
+def split_examples(batch: dict, parts: int) -> list[dict]:
+    """`batch` (either layout) as `parts` batches of consecutive examples, as even in size as can be:
+    each what its collator makes of those examples, but for columns of padding at the end (which
+    change no log-prob). A training step that runs out of memory runs its batch so."""
+    n, k = batch["num_examples"], batch["num_responses"]
+    known = {"num_examples", "num_responses", "response_lengths", "opponent_real_logps", "opponent_generated_logps"}
+    shared = "targets" in batch
+    tokens = (
+        ("input_ids", "position_ids", "segments", "targets") if shared else ("input_ids", "attention_mask", "labels")
+    )
+    if unknown := set(batch) - known - set(tokens):
+        raise ValueError(f"split_examples does not know the batch fields {sorted(unknown)}")
+    sizes = [n // parts + (i < n % parts) for i in range(parts)]
+    split, start = [], 0
+    for size in filter(None, sizes):
+        examples = torch.arange(start, start + size, device=batch["input_ids"].device)
+        part = {"num_examples": size, "num_responses": k}
+        if shared:  # one row per example; targets [K, batch, seq]
+            part |= {key: batch[key][examples] for key in ("input_ids", "position_ids", "segments")}
+            part["targets"] = batch["targets"][:, examples]
+        else:  # rows [response_1 of every example; response_2 of every example; ...]
+            rows = torch.cat([examples + r * n for r in range(k)])
+            part |= {key: batch[key][rows] for key in tokens}
+        part["response_lengths"] = batch["response_lengths"].view(k, n)[:, start : start + size].reshape(-1)
+        for key in ("opponent_real_logps", "opponent_generated_logps"):
+            if key in batch:
+                part[key] = batch[key][start : start + size]
+        split.append(part)
+        start += size
+    return split
+
+
 def batches(examples: list[dict], collate: Collator, batch_size: int, device):
     """(examples, collated batch on `device`) in order, `batch_size` examples at a time."""
     for start in range(0, len(examples), batch_size):

@@ -107,6 +107,10 @@ class SelfPlayCLI(LightningCLI):
                 # Otherwise Lightning asks the train dataloader for its batch size before the model
                 # exists, and ours generates with the model.
                 strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.hparams.batch_size)
+            # A checkpoint holds the trainable weights (the policy adapter) and their optimizer state, never
+            # the frozen base, which is reloaded (the module puts the frozen opponent adapter in its client
+            # state): as without DeepSpeed
+            strategy.exclude_frozen_parameters = True
 
     def fit(self, model, **kwargs) -> None:
         """Lightning's fit, except that:
@@ -160,19 +164,19 @@ def _exit_with(message: str) -> None:
 
 def last_good_checkpoint(directory: Path) -> str | None:
     """The checkpoint in `directory` a resume starts from: of those that load, the one furthest into
-    the run (by optimizer step, then by time); None when there is none. Each one that does not load
+    the run (by optimizer step, then by time); None when there is none. A checkpoint is Lightning's
+    file or, under DeepSpeed, a folder of its own (`checkpoint_step`). Each one that does not load
     (truncated, say) is named in a warning and passed over."""
     found = []
     for path in sorted(Path(directory).glob("*.ckpt")):
         try:
-            # mmap: only the header and the step are read, not every tensor
-            step = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"]
+            step, saved = checkpoint_step(path)
         except Exception as error:  # a torn zip raises RuntimeError, a torn pickle EOFError/UnpicklingError
             log.warning(
                 "%s does not load (%s: %s); resuming from an earlier checkpoint", path, type(error).__name__, error
             )
             continue
-        found.append((step, path.stat().st_mtime, path))
+        found.append((step, saved, path))
     if not found:
         if any(Path(directory).glob("*.ckpt")):
             log.warning(
@@ -180,6 +184,39 @@ def last_good_checkpoint(directory: Path) -> str | None:
             )
         return None
     return str(max(found)[2])
+
+
+def checkpoint_step(path: Path) -> tuple[int, float]:
+    """(optimizer step, time saved) of a checkpoint, reading the headers of its files, not their tensors;
+    raises where it would not load.
+
+    A DeepSpeed checkpoint is a folder: `latest` names the tag folder that holds each rank's
+    `*model_states.pt` (the module and, as its client state, Lightning's loops and step) and
+    `*optim_states.pt` (the rank's ZeRO partition). Every one of them must load, one optimizer
+    partition per data-parallel rank, and all must be of the same step."""
+    path = Path(path)
+    if not path.is_dir():
+        # mmap: only the header and the step are read, not every tensor
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"], path.stat().st_mtime
+    tag = (path / "latest").read_text().strip()
+    files = sorted((path / tag).glob("*.pt"))
+    model_states = [
+        torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files if "model_states" in f.name
+    ]
+    optim_states = [f for f in files if "optim_states" in f.name]
+    if not model_states:
+        raise FileNotFoundError(f"no model states in {path / tag}")
+    for f in optim_states:
+        torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    ranks = model_states[0]["dp_world_size"]
+    if len(optim_states) != ranks:
+        raise FileNotFoundError(
+            f"{len(optim_states)} optimizer partitions in {path / tag}, not one for each of {ranks} ranks"
+        )
+    steps = {state["global_step"] for state in model_states}
+    if len(steps) != 1:
+        raise ValueError(f"the ranks' files in {path / tag} are of different steps {sorted(steps)}")
+    return steps.pop(), max(f.stat().st_mtime for f in files)
 
 
 def _previous_run_errors(root: str) -> list[str]:

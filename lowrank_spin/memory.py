@@ -1,17 +1,22 @@
 """The expected peak memory of a run, from its settings and the base's config, before anything loads.
 
 On a CPU there is no out-of-memory error to recover from: the kernel's OOM killer ends the process
-(SIGKILL, no message) or the machine swaps for hours. So `fit` states the estimate before the long
-work starts and refuses a run whose estimate exceeds the memory the machine has free
-(`peak_memory_errors`). The estimate is a sum of the parts that scale with the settings, each an
-upper-end figure, plus the fixed cost of the process:
+(SIGKILL, no message) or the machine swaps for hours. On a GPU the error is raised, possibly hours
+in. So `fit` states the estimate before the long work starts and refuses a run whose estimate exceeds
+the memory free where it runs (`device_memory_errors`: the RAM available on a CPU,
+`torch.cuda.mem_get_info` on a GPU), naming the settings that lower it. What still runs out on a GPU is split, with a warning:
+generation and opponent scoring halve their batch (`halved_after_out_of_memory`), a training step
+splits its micro-batch into parts accumulated to the same optimizer step (`split_after_out_of_memory`).
+The estimate is a sum of the parts that scale with the settings, each an upper-end figure, plus the
+fixed cost of the process:
 
     weights       the base in its dtype (nf4 linear layers: 0.5 byte + 1/64 of a float32 scale per weight)
     lora          both adapters' float32 weights, plus the policy's gradient and two Adam moments
     generation    the KV cache of `sampling.batch_size` rows x (prompt + new tokens), and their logits
     training      what a LoRA training step holds per token of its longest batch (less with gradient
                   checkpointing), fitted to measured peaks, and one chunk of float32 logits with its softmax
-    runtime       torch, transformers, Lightning and the tokenizer, measured once (~1 GB)
+    runtime       torch, transformers, Lightning and the tokenizer, measured once (~1 GB; host memory,
+                  so none on a GPU)
 
 It is an estimate, not a bound: allocator fragmentation and libraries' caches add to it, and
 benchmarks/bench_memory.py measures the real peak beside it.
@@ -78,10 +83,14 @@ def estimate_peak(
     response_length: int,
     gradient_checkpointing: bool = False,
     logits_chunk: int = 512,
+    device_type: str = "cpu",
+    weight_shards: int = 1,
 ) -> PeakEstimate:
     """The expected peak of a run over the base of transformers `config`, in `dtype` (the compute dtype
     of a 4-bit base), whose longest prompt and response (real or generated) are `prompt_length` and
-    `response_length` tokens: its worst batch holds `train_batch_size` such examples. Returns a PeakEstimate."""
+    `response_length` tokens: its worst batch holds `train_batch_size` such examples. On a `device_type`
+    other than cpu the process's own runtime is host memory, not counted; `weight_shards` processes
+    share the base (DeepSpeed ZeRO-3 partitions it). Returns a PeakEstimate."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
@@ -103,7 +112,7 @@ def estimate_peak(
     linear_weights = layers * sum(i * o for i, o in linear_shapes)
     embeddings = vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     linear_bytes = linear_weights * (NF4_BYTES_PER_WEIGHT if load_in_4bit else width)
-    weights = int(linear_bytes + (embeddings + 2 * layers * hidden) * width)
+    weights = int(linear_bytes + (embeddings + 2 * layers * hidden) * width) // weight_shards
 
     lora_params = layers * sum(lora.rank * (i + o) for i, o in linear_shapes)
     lora_bytes = (
@@ -127,7 +136,13 @@ def estimate_peak(
     attention = 0 if gradient_checkpointing else rows * heads * row_length**2 * width
     training = activations + layers * attention + 3 * logits_chunk * vocab * 4
 
-    return PeakEstimate(weights=weights, lora=int(lora_bytes), generation=int(generation), training=int(training))
+    return PeakEstimate(
+        weights=weights,
+        lora=int(lora_bytes),
+        generation=int(generation),
+        training=int(training),
+        runtime=RUNTIME_BYTES if device_type == "cpu" else 0,
+    )
 
 
 def release_freed_memory() -> None:
@@ -169,6 +184,55 @@ def halved_after_out_of_memory(size: int, log: logging.Logger, doing: str, setti
     return size
 
 
+def split_after_out_of_memory(parts: int, batch_size: int, log: logging.Logger) -> int:
+    """Call after a training step of micro-batches of `batch_size` examples, run in `parts` parts, ran out
+    of CUDA memory: frees the CUDA cache, warns on `log`, and returns twice the parts (the caller
+    retries the step so, and runs every later step so): the same examples, loss and optimizer steps,
+    each part's gradient accumulated."""
+    import torch
+
+    parts *= 2
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    size = -(-batch_size // parts)
+    log.warning(
+        "CUDA out of memory in a training step: each micro-batch of %d examples now runs as %d parts of up to "
+        "%d, their gradients accumulated into the same optimizer step, for the rest of the run; next time set "
+        "data.batch_size %d and trainer.accumulate_grad_batches x%d (or model.gradient_checkpointing: true)",
+        batch_size,
+        parts,
+        size,
+        size,
+        parts,
+    )
+    return parts
+
+
+def device_memory_errors(
+    estimate: PeakEstimate,
+    device,
+    processes: int = 1,
+    *,
+    gradient_checkpointing: bool = False,
+    load_in_4bit: bool = False,
+) -> list[str]:
+    """`peak_memory_errors` for a run on `device` (a torch.device): on a CPU, `processes` processes
+    share the RAM available; on a GPU, this process's share is the card's free memory
+    (`torch.cuda.mem_get_info`). Settings already in effect (`gradient_checkpointing`, `load_in_4bit`)
+    are not suggested. Empty for other devices, and where the free memory is unknown."""
+    import torch
+
+    levers = dict(gradient_checkpointing=gradient_checkpointing, load_in_4bit=load_in_4bit)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # what this process's allocator already holds (the model, loaded) is part of the estimate
+        where = f"GPU {device} has free"
+        return peak_memory_errors(estimate, free, 1, torch.cuda.memory_reserved(device), where=where, **levers)
+    if device.type == "cpu":
+        return peak_memory_errors(estimate, available_bytes(), processes, resident_bytes(), **levers)
+    return []
+
+
 def available_bytes(meminfo: str | None = None) -> int | None:
     """The memory the kernel says new work can use without swapping (`MemAvailable`, Linux), capped by
     the cgroup's limit where one is set; None where neither can be read."""
@@ -208,19 +272,31 @@ def _cgroup_limit() -> int | None:
     return None
 
 
-def peak_memory_errors(estimate: PeakEstimate, available: int | None, processes: int = 1, in_use: int = 0) -> list[str]:
+def peak_memory_errors(
+    estimate: PeakEstimate,
+    available: int | None,
+    processes: int = 1,
+    in_use: int = 0,
+    *,
+    where: str = "this machine has available",
+    gradient_checkpointing: bool = False,
+    load_in_4bit: bool = False,
+) -> list[str]:
     """The config error of a run of `processes` processes on this machine, each expected to peak at
     `estimate` and each already holding `in_use` bytes (the model loaded: no longer in `available`),
     when together they need more than `available` bytes more (empty when they fit or the machine's
-    memory is unknown), naming the settings that lower the estimate most."""
+    memory is unknown), naming the settings that lower the estimate most (not those already set:
+    `gradient_checkpointing`, `load_in_4bit`). `where` says whose memory `available` is."""
     if available is None or processes * max(estimate.total - in_use, 0) <= available:
         return []
     levers = []
-    if estimate.weights > estimate.total / 4:
+    if estimate.weights > estimate.total / 4 and not load_in_4bit:
         levers.append("model.load_in_4bit: true")
     if estimate.training >= estimate.generation:
-        levers += ["a lower data.batch_size", "model.gradient_checkpointing: true", "a lower data.max_response_length"]
-        levers += ["a lower data.sampling.max_new_tokens"]
+        levers.append("a lower data.batch_size (with a higher trainer.accumulate_grad_batches: the same steps)")
+        if not gradient_checkpointing:
+            levers.append("model.gradient_checkpointing: true")
+        levers += ["a lower data.max_prompt_length / data.max_response_length", "a lower data.sampling.max_new_tokens"]
     else:
         levers += ["a lower data.sampling.batch_size", "a lower data.sampling.max_new_tokens"]
     return [
@@ -228,6 +304,6 @@ def peak_memory_errors(estimate: PeakEstimate, available: int | None, processes:
         + (f" in each of {processes} processes" if processes > 1 else "")
         + (f", {in_use / GIB:.1f} GB of it already in use" if in_use else "")
         + f"; that is more than the "
-        f"{available / GIB:.1f} GB this machine has available; lower it with {', '.join(levers)} "
+        f"{available / GIB:.1f} GB {where}; lower it with {', '.join(levers)} "
         "(or run anyway with LOWRANK_SPIN_SKIP_MEMORY_CHECK=1)"
     ]

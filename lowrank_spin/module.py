@@ -17,10 +17,11 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lowrank_spin import losses, memory, models
-from lowrank_spin.batching import response_logps
+from lowrank_spin.batching import response_logps, split_examples
 from lowrank_spin.callbacks import IterationBoundaries
 from lowrank_spin.evaluation import heldout_rewards
 from lowrank_spin.faults import RunStopped
+from lowrank_spin.generation import OUT_OF_MEMORY
 from lowrank_spin.opponent import Opponent
 from lowrank_spin.settings import (
     AUTO,
@@ -99,6 +100,8 @@ class SelfPlayLoRA(L.LightningModule):
         self.opponent: Opponent | None = None
         self._real_drift: list[float] = []
         self._fit_start = time.perf_counter()
+        # each training micro-batch runs as this many parts, accumulated; doubled on out of memory
+        self._micro_batch_parts = 1
         # Checkpoints hold only the LoRA adapters (see on_save_checkpoint); the base is reloaded.
         self.strict_loading = False
 
@@ -155,6 +158,9 @@ class SelfPlayLoRA(L.LightningModule):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         self.model = models.attach_lora(base, self.lora)
+        if isinstance(strategy, DeepSpeedStrategy):
+            # DeepSpeed saves this module's state_dict in its checkpoints: the trainable weights only
+            self.register_state_dict_post_hook(_trainable_weights_only)
         self.opponent = Opponent(
             self.model,
             self.tokenizer,
@@ -232,13 +238,13 @@ class SelfPlayLoRA(L.LightningModule):
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()
         self._seed = torch.initial_seed()  # the run's seed (seed_everything), read before any step reseeds
-        if self.device.type == "cpu":
-            self._check_cpu_memory()
+        self._check_memory()
 
-    def _check_cpu_memory(self) -> None:
+    def _check_memory(self) -> None:
         """State the run's expected peak memory and stop one that would not fit, before generation and
-        training start (`memory`): on a CPU, running out is a SIGKILL from the kernel, hours in, with no
-        message. Set LOWRANK_SPIN_SKIP_MEMORY_CHECK=1 to run anyway."""
+        training start (`memory`): on a CPU against the RAM available (running out there is a SIGKILL
+        from the kernel, hours in, with no message), on a GPU against its free memory. Set
+        LOWRANK_SPIN_SKIP_MEMORY_CHECK=1 to run anyway."""
         data = self.trainer.datamodule
         train = data.examples["train"]
         longest_real = max(len(e["real_ids"]) for e in train)
@@ -253,13 +259,30 @@ class SelfPlayLoRA(L.LightningModule):
             prompt_length=max(len(e["prompt_ids"]) for e in train),
             response_length=max(longest_real, data.sampling.max_new_tokens),
             gradient_checkpointing=self.hparams.gradient_checkpointing,
+            device_type=self.device.type,
+            weight_shards=self.trainer.world_size if self._zero3 else 1,
         )
-        processes = self.trainer.num_devices  # CPU processes share this machine's memory
         if rank_zero_only.rank == 0:
             print(f"memory: expected peak {estimate.describe()}", flush=True)
-        errors = memory.peak_memory_errors(estimate, memory.available_bytes(), processes, memory.resident_bytes())
-        if errors and os.environ.get("LOWRANK_SPIN_SKIP_MEMORY_CHECK") != "1":
-            raise RunStopped(errors[0])
+        errors = memory.device_memory_errors(
+            estimate,
+            self.device,
+            processes=self.trainer.num_devices,
+            gradient_checkpointing=self.hparams.gradient_checkpointing,
+            load_in_4bit=self.hparams.load_in_4bit,
+        )
+        if os.environ.get("LOWRANK_SPIN_SKIP_MEMORY_CHECK") == "1":
+            return
+        # every process stops together (each checks its own device), or the others wait for it forever
+        if self.trainer.strategy.reduce_boolean_decision(bool(errors), all=False):
+            raise RunStopped(
+                errors[0] if errors else "memory: another process of this run would not fit (see its message)"
+            )
+
+    @property
+    def _zero3(self) -> bool:
+        strategy = self.trainer.strategy
+        return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
     def elapsed_seconds(self) -> float:
         """Wall-clock seconds since this process started fitting (a resumed run restarts the clock)."""
@@ -317,7 +340,7 @@ class SelfPlayLoRA(L.LightningModule):
     # ---- the step ---------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, metrics = self._compute_loss(batch)
+        loss, metrics = self._step_loss(batch)
         self._nonfinite_loss = not bool(torch.isfinite(loss.detach()))
         batch_size = batch["num_examples"]
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
@@ -326,6 +349,73 @@ class SelfPlayLoRA(L.LightningModule):
         self.log("train/lr", self.learning_rate(), on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("time/elapsed_seconds", self.elapsed_seconds(), on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
+
+    def _step_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's loss and metrics: in one forward, or, once a training step has run out of
+        memory, in parts whose gradients are accumulated (`_loss_in_parts`) for the rest of the run."""
+        if self._micro_batch_parts == 1:
+            try:
+                return self._compute_loss(batch)
+            except OUT_OF_MEMORY:
+                if not self._can_split(batch):
+                    raise
+            # (outside the except block: the failed forward's activations are freed by now)
+            self._micro_batch_parts = memory.split_after_out_of_memory(1, batch["num_examples"], log)
+        return self._loss_in_parts(batch)
+
+    def _can_split(self, batch: dict) -> bool:
+        """Whether a micro-batch can run in parts here: more than one example, one process, no DeepSpeed
+        (whose engine owns the backward and its gradient partitions)."""
+        if batch["num_examples"] < 2 or isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return False
+        return self.trainer.world_size == 1
+
+    def _loss_in_parts(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch as `_micro_batch_parts` parts of consecutive examples, one forward and backward
+        each, doubling the parts while a part runs out of memory. The same optimizer step as one forward:
+        each part's loss is weighted by its share of the batch's mean (of examples; of real tokens for
+        SFT's token mean), so the accumulated gradient is the whole batch's, and it reaches the weights
+        through the returned loss's backward (Lightning's, after its zero_grad, with its loss scaling
+        and accumulation) as if it had been computed there. Returns (loss, metrics) of the whole batch."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        while True:
+            parts = min(self._micro_batch_parts, batch["num_examples"])
+            try:
+                loss, metrics, grads = self._gradients_in_parts(batch, parts, params)
+                return _AccumulatedGradients.apply(loss, grads, *params), metrics
+            except OUT_OF_MEMORY:
+                if parts >= batch["num_examples"]:
+                    raise
+            self._micro_batch_parts = memory.split_after_out_of_memory(parts, batch["num_examples"], log)
+
+    def _gradients_in_parts(
+        self, batch: dict, parts: int, params: list[torch.nn.Parameter]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor | None]]:
+        """(loss, metrics, d loss / d params) of `batch`, computed `parts` examples groups at a time."""
+        sft = self.objective.name_at(self.iteration) == "sft"
+        lengths = batch["response_lengths"][: batch["num_examples"]]  # the real responses' tokens
+        # a 16-mixed run's GradScaler: scale each part's loss as Lightning scales the whole one, so
+        # float16 activation gradients do not underflow; unscaled again below
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        loss, metrics, grads = torch.zeros((), device=self.device), {}, [None] * len(params)
+        start = 0
+        for part in split_examples(batch, parts):
+            size = part["num_examples"]
+            if sft:  # a token mean: the part's tokens' share of the batch's
+                share = lengths[start : start + size].sum().clamp(min=1) / lengths.sum().clamp(min=1)
+            else:  # an example mean
+                share = torch.tensor(size / batch["num_examples"], device=self.device)
+            part_loss, part_metrics = self._compute_loss(part)
+            part_grads = torch.autograd.grad(part_loss * share * scale, params, allow_unused=True)
+            for i, g in enumerate(part_grads):
+                if g is not None:
+                    grads[i] = g / scale if grads[i] is None else grads[i].add_(g / scale)
+            loss = loss + part_loss.detach() * share
+            for key, value in part_metrics.items():  # means over examples
+                metrics[key] = metrics.get(key, 0) + value * (size / batch["num_examples"])
+            start += size
+        return loss, metrics, grads
 
     def _compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         objective, name = self.objective, self.objective.name_at(self.iteration)
@@ -401,6 +491,51 @@ class SelfPlayLoRA(L.LightningModule):
             for k, v in checkpoint["state_dict"].items()
             if f".{models.POLICY}." in k or f".{models.OPPONENT}." in k
         }
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            # DeepSpeed saves the module itself, without its frozen weights (the CLI sets
+            # exclude_frozen_parameters; `_trainable_weights_only`): the policy adapter and its optimizer
+            # state are there, the frozen opponent adapter comes here, in the client state (gathered
+            # whole under ZeRO-3: every rank calls this)
+            opponent = models.lora_parameters(self.model, models.OPPONENT)
+            with models.gathered(list(opponent.values())):
+                checkpoint[OPPONENT_CHECKPOINT_KEY] = {n: p.detach().cpu().clone() for n, p in opponent.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(OPPONENT_CHECKPOINT_KEY)
+        if state is None:  # (a Lightning checkpoint: the opponent is in its state_dict)
+            return
+        opponent = models.lora_parameters(self.model, models.OPPONENT)
+        with torch.no_grad(), models.gathered(list(opponent.values()), modifier_rank=0):
+            for name, param in opponent.items():
+                param.copy_(state[name])
+
+
+# the opponent adapter's weights in a DeepSpeed checkpoint's client state
+OPPONENT_CHECKPOINT_KEY = "opponent_adapter"
+
+
+def _trainable_weights_only(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A state_dict post-hook: drop every entry but the trainable parameters (the policy adapter).
+    DeepSpeed's `exclude_frozen_parameters` drops frozen parameters by their first name only, so a
+    tied lm_head (SmolLM2, Llama-3.2, Qwen2.5: the embedding matrix) would still be saved."""
+    trainable = {prefix + n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in trainable]:
+        del state_dict[key]
+
+
+class _AccumulatedGradients(torch.autograd.Function):
+    """`loss`, whose backward hands each of `params` its precomputed gradient in `grads`, times the
+    gradient that reaches the loss (Lightning's 1 / accumulate_grad_batches, a GradScaler's scale):
+    the parts' gradients arrive where and when the whole batch's backward would have put them."""
+
+    @staticmethod
+    def forward(ctx, loss, grads, *params):
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, None, *(None if g is None else (g * grad_output).to(g.dtype) for g in ctx.grads)
 
 
 def _clear_optimizer_state(optimizer) -> None:

@@ -129,3 +129,36 @@ def test_freed_heap_memory_goes_back_to_the_os():
     before, after, kept = map(int, done.stdout.split())
     assert kept == 4000
     assert before - after > 150 * 1024**2, f"the ~250 MB freed stayed resident ({before} -> {after} bytes)"
+
+
+def test_a_run_that_would_not_fit_its_gpu_is_refused_naming_the_levers(monkeypatch):
+    """On a GPU the estimate is held against the card's free memory (`torch.cuda.mem_get_info`), less
+    what this process already holds there; the host runtime is not counted; settings already on are
+    not suggested."""
+    import torch
+
+    estimate = _estimate(device_type="cuda")
+    assert estimate.runtime == 0 and _estimate().runtime == memory.RUNTIME_BYTES
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (estimate.total + 1, 80 * GIB))
+    assert memory.device_memory_errors(estimate, gpu) == []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (estimate.total // 2, 80 * GIB))
+    (error,) = memory.device_memory_errors(estimate, gpu, processes=8)  # one GPU per process: not multiplied
+    assert "GPU cuda:0 has free" in error and "in each of" not in error
+    for lever in ("data.batch_size", "trainer.accumulate_grad_batches", "model.gradient_checkpointing: true"):
+        assert lever in error
+    assert "data.max_prompt_length / data.max_response_length" in error and "LOWRANK_SPIN_SKIP_MEMORY_CHECK=1" in error
+    (error,) = memory.device_memory_errors(estimate, gpu, gradient_checkpointing=True)
+    assert "model.gradient_checkpointing" not in error, "already on"
+    # the model already loaded on the card (the allocator's reserve) is part of the estimate, not extra
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: estimate.total // 2)
+    assert memory.device_memory_errors(estimate, gpu) == []
+
+    # weights dominate: the 4-bit base is suggested, unless it is already 4-bit; ZeRO-3 shares the weights
+    big = memory.PeakEstimate(weights=40 * GIB, lora=GIB, generation=GIB, training=2 * GIB, runtime=0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * GIB, 80 * GIB))
+    assert "model.load_in_4bit: true" in memory.device_memory_errors(big, gpu)[0]
+    assert "model.load_in_4bit" not in memory.device_memory_errors(big, gpu, load_in_4bit=True)[0]
+    assert _estimate(weight_shards=4).weights == _estimate().weights // 4

@@ -463,11 +463,14 @@ class ResumableLoader(DataLoader):
         self.position.trained = self.position.skip = state["batches_trained"]
 
     def __iter__(self):
+        # A generator: the batches are skipped at the first `next`, not here. Lightning creates the
+        # iterator before it sets a distributed sampler's epoch (DDP, DeepSpeed), and skipping here
+        # would draw the skipped batches, and so the epoch's order, from the sampler's previous epoch.
+        skip, self.position.skip = self.position.skip, 0
         iterator = super().__iter__()
-        for _ in range(self.position.skip):  # collating a skipped batch is cheap: no model runs
+        for _ in range(skip):  # collating a skipped batch is cheap: no model runs
             next(iterator)
-        self.position.skip = 0
-        return iterator
+        yield from iterator
 
 
 def _gather_shards(generated: list) -> list:

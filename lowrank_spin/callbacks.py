@@ -118,7 +118,7 @@ class IterationBoundaries(L.Callback):
         module.save_adapter(RunDir(trainer.default_root_dir).iteration(iteration), write=trainer.is_global_zero)
         if trainer.is_global_zero:
             kill_point("adapter_saved")  # (a SIGTERM stops after the boundary's checkpoint: BoundaryCheckpoint)
-        evaluate_now = iteration == module.last_iteration or trainer.datamodule.evaluation.every_iteration
+        evaluate_now = trainer.datamodule.evaluation.every_iteration or _ends_stage(module, iteration)
         # held-out rewards need the opponent of iteration t, so they come before the snapshot
         rewards = self._heldout_rewards(trainer, module, iteration) if evaluate_now else {}
         # θ0 + Δθt: the policy at the end of iteration t becomes the opponent of iteration t+1.
@@ -292,6 +292,13 @@ class IterationBoundaries(L.Callback):
         before = RunDir(trainer.default_root_dir).eval_samples(BEFORE)
         initial = json.loads(before.read_text()) if iteration != BEFORE and before.exists() else None
         return self._judge.win_rates(samples, initial)
+
+
+def _ends_stage(module, iteration: int) -> bool:
+    """Whether `iteration` is the last of the run or of a stage: of a run of one objective, such as the
+    SFT iterations of [sft, sft, spin, spin] (what `every_iteration: false` still evaluates)."""
+    objective = module.objective
+    return iteration == module.last_iteration or objective.name_at(iteration) != objective.name_at(iteration + 1)
 
 
 def _best_name(iteration: int) -> str:

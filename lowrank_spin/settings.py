@@ -262,7 +262,8 @@ class EvaluationSettings:
     Args:
         split: `validation` or `test` (a user dataset has no `test`: its validation split is used).
         every_iteration: evaluate after every iteration (the default) or, to save time, only before the
-            first and after the last (the data-scarcity arms of `lowrank-spin compare`).
+            first, after the last and at the end of each stage: the last iteration of each objective
+            when `model.objective.name` changes (after the SFT iterations of [sft, sft, spin, spin]).
         heldout_reward_pairs: how many evaluation prompts also score SPIN's reward accuracy/margin on
             held-out (gold, opponent answer) pairs each iteration (two extra forwards per pair; 0 = off).
         max_new_tokens: the longest greedy answer (default: `data.sampling.max_new_tokens`).

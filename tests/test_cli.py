@@ -15,7 +15,7 @@ from peft import PeftModel
 from lowrank_spin import models
 from lowrank_spin.batching import response_logps
 from lowrank_spin.cli import build_cli
-from lowrank_spin.files import read_jsonl
+from lowrank_spin.files import RunDir, read_jsonl
 
 
 def run_tiny(tmp_path, *overrides: str):
@@ -180,6 +180,21 @@ def test_sft_then_self_play_in_one_fit(tmp_path, cache_dir, capsys):
     assert any(r.get("rewards/historical") for r in steps if float(r["iteration"]) == 2.0), "iteration 2 is T-SPIN"
     table = capsys.readouterr().out
     assert re.findall(r"^iter (\d)[ *]+(\w+)", table, re.M) == [("0", "sft"), ("1", "spin"), ("2", "tspin")]
+
+
+def test_without_every_iteration_each_stage_end_is_still_evaluated(tmp_path, cache_dir):
+    """`data.evaluation.every_iteration: false` (the main command): before, after the last SFT iteration
+    and after the last iteration, nothing in between."""
+    run_tiny(
+        tmp_path,
+        "--model.num_iterations",
+        "4",
+        "--model.objective.name",
+        "[sft, sft, spin, spin]",
+        "--data.evaluation.every_iteration",
+        "false",
+    )
+    assert sorted(RunDir(tmp_path).read_results()) == [RunDir.BEFORE, 1, 3]
 
 
 def test_a_per_iteration_objective_needs_one_name_per_iteration(tmp_path, cache_dir):

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import tempfile
-from pathlib import Path
 
 import torch
 
@@ -96,14 +95,12 @@ def _task_scores(results: dict, name: str) -> dict:
 
 
 def _all_local(tasks: list[str], include_path: str) -> bool:
-    """Whether every task other than the embedded one is defined by a YAML in `include_path`."""
-    names = {
-        line.split(":", 1)[1].strip()
-        for path in Path(include_path).glob("*.yaml")
-        for line in path.read_text().splitlines()
-        if line.startswith("task:")
-    }
-    return all(t == TASK or t in names for t in tasks)
+    """Whether every task other than the embedded one is defined in `include_path` (lm_eval's own index
+    of that folder alone, without its thousands of built-in task YAMLs)."""
+    from lm_eval.tasks import TaskManager
+
+    local = set(TaskManager(include_path=include_path, include_defaults=False).all_tasks)
+    return all(t == TASK or t in local for t in tasks)
 
 
 def main(argv: list[str]) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import randomize_lora
+from conftest import fit_command, randomize_lora, subprocess_env
 
 from lowrank_spin import models
 from lowrank_spin.embedded import task
@@ -91,10 +93,9 @@ metadata:
 
 
 def test_any_task_list_scores_the_adapter_not_just_the_base(cache_dir, tmp_path, monkeypatch, one_thread):
-    """A task of the user's own (`--include-path`), by name, next to the embedded one: a trained adapter
-    changes the log-likelihood lm_eval measures, so an adapter that were ignored would fail this."""
-    from lowrank_spin.lm_eval_runner import evaluate_adapter
-
+    """A task of the user's own (`--include-path`), by name, next to the embedded one, through
+    `lowrank-spin lm-eval`: a trained adapter changes the log-likelihood lm_eval measures, so an adapter
+    that were ignored would fail this."""
     monkeypatch.chdir(tmp_path)
     path = models.resolve_model_path(models.TINY_LLAMA, cache_dir)
     model = models.attach_lora(models.load_base_model(path), LoRASettings(rank=4, alpha=8))
@@ -107,12 +108,20 @@ def test_any_task_list_scores_the_adapter_not_just_the_base(cache_dir, tmp_path,
     tasks = ["tiny_loglikelihood", TASK]
 
     def run(adapter_dir):
-        return evaluate_adapter(
-            path, adapter_dir, str(tmp_path / "test.jsonl"), limit=2, tasks=tasks, include_path=str(tmp_path / "tasks")
+        # the command itself, in its own process with a time limit: lm_eval and datasets start threads
+        # and forked children, and a child that deadlocks must fail this test, not hang the suite
+        command = ["lm-eval", "--base", path, "--test-jsonl", str(tmp_path / "test.jsonl"), "--limit", "2"]
+        command += ["--tasks", *tasks, "--include-path", str(tmp_path / "tasks")]
+        command += ["--adapter", adapter_dir] if adapter_dir else []
+        done = subprocess.run(
+            fit_command(command), env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=600
         )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     with_adapter, base = run(str(adapter)), run(None)
-    assert set(with_adapter) == set(tasks)
+    assert (with_adapter["adapter"], base["adapter"]) == (str(adapter), None)
+    assert set(with_adapter) - {"base", "adapter"} == set(tasks)
     assert with_adapter["tiny_loglikelihood"]["num_examples"] == 2
     assert with_adapter[TASK]["num_examples"] == 2
     ppl, base_ppl = with_adapter["tiny_loglikelihood"]["perplexity"], base["tiny_loglikelihood"]["perplexity"]

@@ -64,7 +64,8 @@ class SelfPlayLoRA(L.LightningModule):
             its generated responses from the generation pass (same weights, eval mode, the drawn tokens)
             instead of a scoring forward, so only the real responses are scored. The two differ by
             float rounding only (a KV cache and other batch shapes): equal to 1e-4 in float32, ~0.4
-            nats per response in bf16 (benchmarks/RESULTS.md); off = score both.
+            nats per response in bf16 (benchmarks/RESULTS.md); off = score both. The HF engine only: with
+            `data.sampling.engine: vllm` the training model scores them (vLLM is another implementation).
         share_prompt: run each prompt once per example in spin/tspin forwards, its responses after it
             under a block attention mask (`batching.SharedPromptCollator`): the same log-probs from fewer
             tokens. sdpa and eager attention only; flash_attention_2 takes no custom mask and uses one

@@ -34,7 +34,9 @@ def subprocess_env(cache_dir: str, **variables: str) -> dict[str, str]:
 
 
 def pytest_configure(config):
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # under pytest-xdist (a worker per core) one thread each: two multi-threaded torch processes on the
+    # same cores stall each other at every parallel region
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
     warnings.filterwarnings("ignore", message=".*kernels.*")
 
 

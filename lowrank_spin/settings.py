@@ -264,6 +264,8 @@ class EvaluationSettings:
         every_iteration: evaluate after every iteration (the default) or, to save time, only before the
             first, after the last and at the end of each stage: the last iteration of each objective
             when `model.objective.name` changes (after the SFT iterations of [sft, sft, spin, spin]).
+            Held-out rewards score the previous iteration's evaluation answers, so they appear only
+            after an iteration whose predecessor was evaluated.
         heldout_reward_pairs: how many evaluation prompts also score SPIN's reward accuracy/margin on
             held-out (gold, opponent answer) pairs each iteration (two extra forwards per pair; 0 = off).
         max_new_tokens: the longest greedy answer (default: `data.sampling.max_new_tokens`).

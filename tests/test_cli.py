@@ -194,7 +194,10 @@ def test_without_every_iteration_each_stage_end_is_still_evaluated(tmp_path, cac
         "--data.evaluation.every_iteration",
         "false",
     )
-    assert sorted(RunDir(tmp_path).read_results()) == [RunDir.BEFORE, 1, 3]
+    results = RunDir(tmp_path).read_results()
+    assert sorted(results) == [RunDir.BEFORE, 1, 3]
+    # held-out rewards score the previous iteration's evaluation answers: none was evaluated here
+    assert not any("reward_accuracy" in row for row in results.values())
 
 
 def test_a_per_iteration_objective_needs_one_name_per_iteration(tmp_path, cache_dir):

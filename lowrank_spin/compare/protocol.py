@@ -278,7 +278,7 @@ def plan(args: argparse.Namespace, overrides: list[str], settings: dict) -> Prot
 
     model, data = settings["model"], settings["data"]
     arms = [Arm(a) for a in dict.fromkeys(args.arms)]
-    arms += [Arm(v[1], label=v[0], flags=tuple(f"--{flag}" for flag in v[2:])) for v in args.variant]
+    arms += [Arm(v[1], label=v[0], flags=tuple(f)) for v, f in zip(args.variant, variant_overrides(args))]
     arms += [Arm(a, f) for f in sorted(args.data_fractions) for a in dict.fromkeys(args.fraction_arms)]
     fractions = sorted({arm.fraction for arm in arms})
     epochs, batch = model["epochs_per_iteration"], data["batch_size"]

@@ -26,7 +26,7 @@ def evaluate(
     `accuracy` (None without a checker) with its Wilson interval and per number of steps; one sample
     (prompt, real, generated, finished, correct) per example.
     """
-    greedy = replace(sampling, temperature=0.0, max_new_tokens=max_new_tokens)
+    greedy = replace(sampling, temperature=0.0, max_new_tokens=max_new_tokens, best_of=1)
     generated, _ = generate_responses(model, tokenizer, [e["prompt_ids"] for e in examples], greedy, desc="evaluate")
     nll, tokens = gold_nll(model, examples, Collator(tokenizer.pad_token_id, ("real",)), sampling.batch_size)
     metrics = {

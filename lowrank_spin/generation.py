@@ -64,8 +64,9 @@ def generate_responses(
     desc: str = "generate",
     shard: tuple[int, int] = (0, 1),
 ) -> tuple[list[Generated | None], dict[str, float]]:
-    """Generate one response per prompt; returns them in prompt order, plus timing statistics
-    (`seconds`, `new_tokens`, `tokens_per_second`, `batches`: the flush units generated here, `engine`).
+    """Generate one response per prompt (the most likely of `sampling.best_of` draws); returns them in
+    prompt order, plus timing statistics (`seconds`, `new_tokens`: every draw's, `tokens_per_second`,
+    `batches`: the flush units generated here, `engine`).
 
     `sampling` says how (`Sampler`; temperature 0 is greedy), with which engine (`make_engine`) and how
     many prompts go in a batch and in a flush unit. A response ends at the first of
@@ -109,14 +110,14 @@ def generate_responses(
                 disable=shard[0] > 0,
             )
             for unit_index, unit in pending:
-                outputs, rows = _generate_unit(
-                    engine, [prompt_ids[i] for i in unit], seed * 1_000_003 + unit_index, rows
+                outputs, rows, drawn = _generate_unit(
+                    engine, [prompt_ids[i] for i in unit], seed * 1_000_003 + unit_index, rows, sampling.best_of
                 )
+                new_tokens += drawn
                 if stop_requested():  # SIGTERM during the unit: it may have been cut short (`UntilSigterm`)
                     safe_point("generation_batch" if log_file else "unsaved_generation_batch")
                 for i, generated in zip(unit, outputs):
                     done[i] = generated
-                    new_tokens += generated.num_tokens
                     if log_file:
                         log_file.write(json.dumps({"index": i, **asdict(generated)}) + "\n")
                 if log_file:
@@ -142,18 +143,34 @@ def generate_responses(
     return [done.get(i) for i in range(len(prompt_ids))], stats
 
 
-def _generate_unit(engine: Engine, prompts: list[list[int]], seed: int, rows: int) -> tuple[list[Generated], int]:
-    """One flush unit, seeded by `seed` alone, `rows` prompts at a time; on CUDA out of memory the unit
-    is generated again from its seed with half the rows. Returns the responses and the rows that fit."""
+def _generate_unit(
+    engine: Engine, prompts: list[list[int]], seed: int, rows: int, best_of: int = 1
+) -> tuple[list[Generated], int, int]:
+    """One flush unit, seeded by `seed` alone, `rows` sequences at a time: `best_of` draws per prompt,
+    of which the one with the highest log-prob per token is kept (`most_likely`). On CUDA out of memory
+    the unit is generated again from its seed with half the rows. Returns the responses, the rows that
+    fit and the new tokens drawn (every draw's)."""
     while True:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return engine.generate(prompts, seed, rows), rows
+                drawn = engine.generate([p for p in prompts for _ in range(best_of)], seed, rows)
+            kept = [most_likely(drawn[i : i + best_of]) for i in range(0, len(drawn), best_of)]
+            return kept, rows, sum(g.num_tokens for g in drawn)
         except OUT_OF_MEMORY:
             if rows == 1:
                 raise
             rows = halved_after_out_of_memory(rows, log, "generating", "data.sampling.batch_size")
+
+
+def most_likely(draws: list[Generated]) -> Generated:
+    """Of one prompt's draws, the one the generating model finds most likely per token (the first of
+    equals): its answer rather than a sampling accident, a harder negative for SPIN (`sampling.best_of`)."""
+    if len(draws) == 1:
+        return draws[0]
+    if any(g.logp is None for g in draws):
+        raise ValueError("best_of needs each draw's log-prob, and this engine records none")
+    return max(draws, key=lambda g: g.logp / max(len(g.token_ids or ()), 1))
 
 
 class Engine:

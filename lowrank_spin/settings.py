@@ -218,6 +218,10 @@ class SamplingSettings:
             together: a killed run loses at most this many (default `batch_size`).
         vllm_gpu_memory_utilization: the share of GPU memory vLLM may take while it generates (the trained
             model shares the GPU); vLLM sleeps between generations, its memory released for training.
+        best_of: draw this many responses per prompt and keep the one the generating model finds most
+            likely (the highest log-prob per token at temperature 1): harder negatives, closer to what the
+            model would answer, for best_of times the generation time. 1 (default): one draw, kept.
+            Evaluation's greedy answers ignore it. Needs the hf engine (vLLM's responses carry no log-prob).
     """
 
     temperature: float = 1.0
@@ -228,14 +232,20 @@ class SamplingSettings:
     engine: str = "hf"
     prompts_per_flush: int | None = None
     vllm_gpu_memory_utilization: float = 0.3
+    best_of: int = 1
 
     def errors(self, prefix: str = "data.sampling") -> list[str]:
         """Error strings for the bad fields (empty when all are fine)."""
         errors = [
             f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}"
-            for name in ("max_new_tokens", "batch_size")
+            for name in ("max_new_tokens", "batch_size", "best_of")
             if getattr(self, name) < 1
         ]
+        if self.best_of > 1 and self.engine == "vllm":
+            errors.append(
+                f"{prefix}.best_of: {self.best_of} needs the hf engine, which records each draw's log-prob "
+                f"({prefix}.engine is vllm, whose responses carry none)"
+            )
         if self.temperature < 0:
             errors.append(f"{prefix}.temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:

@@ -18,7 +18,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import LogitsProcessorList
 
-from lowrank_spin import batching, generation, models, vllm_engine
+from lowrank_spin import batching, evaluation, generation, models, vllm_engine
 from lowrank_spin.batching import Collator
 from lowrank_spin.data.chat import render_prompt
 from lowrank_spin.generation import Sampler, generate_responses
@@ -217,6 +217,49 @@ def test_out_of_memory_halves_the_batch_with_a_warning(tiny_model_dir, tokenizer
     assert attempts == [4, 2, 2], "halved once, then kept for the next unit"
     assert generated == expected
     assert "data.sampling.batch_size to 2" in caplog.text
+
+
+def test_best_of_keeps_each_prompts_most_likely_draw(tiny_model_dir, tokenizer, monkeypatch):
+    """best_of 4: every prompt drawn 4 times within its unit's seed, and the draw kept is the one with the
+    highest log-prob per token (end of turn included) under the generating model; tokens/s counts every
+    draw; evaluation's greedy answers draw once."""
+    model = models.attach_lora(models.load_base_model(tiny_model_dir), LoRASettings(rank=4))
+    _eos_likelier(model, tokenizer, 3.0)  # draws of different lengths: per token is not per response
+    prompts = [render_prompt(tokenizer, f"Question {i}" + "?" * (i % 3)) for i in range(6)]
+    sampling = SamplingSettings(batch_size=8, max_new_tokens=8, temperature=1.0, best_of=4)
+    calls = []
+    real = generation.HFEngine.generate
+
+    def recording(self, unit, seed, rows):
+        out = real(self, unit, seed, rows)
+        calls.append((unit, out))
+        return out
+
+    monkeypatch.setattr(generation.HFEngine, "generate", recording)
+    kept, stats = generate_responses(model, tokenizer, prompts, sampling, seed=5)
+    [(unit, draws)] = calls
+    assert len(unit) == 24 and all(unit[4 * i : 4 * i + 4] == [unit[4 * i]] * 4 for i in range(6))
+    per_token = [g.logp / len(g.token_ids) for g in draws]
+    assert len({round(x, 6) for x in per_token}) > 6, "the draws differ"
+    order = sorted(range(6), key=lambda i: (len(prompts[i]), i))  # units are cut in length order
+    for position, i in enumerate(order):
+        group = draws[4 * position : 4 * position + 4]
+        assert unit[4 * position] == prompts[i]
+        assert kept[i] == max(group, key=lambda g: g.logp / len(g.token_ids))
+    assert any(kept[i] != draws[4 * p] for p, i in enumerate(order)), "not simply the first draw"
+    assert stats["new_tokens"] == sum(g.num_tokens for g in draws)
+
+    calls.clear()
+    examples = [{"prompt": "q", "response": "a", "prompt_ids": p, "real_ids": p[-3:]} for p in prompts]
+    evaluation.evaluate(model, tokenizer, examples, False, sampling, 8)
+    assert sum(len(unit) for unit, _ in calls) == 6
+
+
+def test_best_of_is_checked_with_its_engine():
+    assert any("data.sampling.best_of: must be >= 1" in e for e in SamplingSettings(best_of=0).errors())
+    errors = SamplingSettings(best_of=4, engine="vllm").errors()
+    assert any(e.startswith("data.sampling.best_of: 4 needs the hf engine") for e in errors)
+    assert SamplingSettings(best_of=4).errors() == []
 
 
 @pytest.fixture

@@ -219,6 +219,7 @@ def test_stage1_stops_when_the_validation_metric_stalls(tmp_path):
         run_dir.write_result({"iteration": iteration, "accuracy": accuracy, "nll": nll, "generated_tokens": 1.0})
     assert compare.select_sft_adapter(run_dir, patience=2) == {
         "iteration": 1,
+        "adapter": str(tmp_path / "iter_1"),
         "metric": "accuracy",
         "nll": [3.0, 2.0, 1.5, 2.1],
         "accuracy": [0.2, 0.4, 0.3, 0.4],
@@ -226,6 +227,47 @@ def test_stage1_stops_when_the_validation_metric_stalls(tmp_path):
     }, "iteration 3 ties iteration 1 at a higher NLL: no improvement, so the stage ends there"
     capped = compare.select_sft_adapter(run_dir, patience=5)
     assert (capped["iteration"], capped["stopped_at"]) == (5, None), "still improving at the last iteration"
+
+
+def _write_rows(run_dir: RunDir, rows) -> RunDir:
+    run_dir.root.mkdir()
+    for iteration, accuracy, nll in rows:
+        run_dir.write_result({"iteration": iteration, "split": "validation", "accuracy": accuracy, "nll": nll})
+    return run_dir
+
+
+def test_a_stage1_run_and_its_continuation_are_read_as_one(tmp_path):
+    """`--stage1 RUN CONTINUATION`: a run capped while improving, continued from its last adapter until it
+    stalled, is one converged stage 1 (not "capped"), iterations numbered on; the choice may be in either."""
+    first = _write_rows(RunDir(tmp_path / "first"), [(-1, 0.1, 9.0), (0, 0.2, 3.0), (1, 0.3, 2.0)])
+    assert compare.select_sft_adapter(first, patience=2)["stopped_at"] is None, "alone it is capped"
+    second = _write_rows(RunDir(tmp_path / "second"), [(-1, 0.3, 2.0), (0, 0.4, 1.5), (1, 0.35, 1.4), (2, 0.4, 1.6)])
+    choice = compare.select_sft_adapter([first, second], patience=2)
+    assert (choice["iteration"], choice["stopped_at"]) == (2, 4)
+    assert choice["adapter"] == str(tmp_path / "second" / "iter_0")
+    assert choice["accuracy"] == [0.2, 0.3, 0.4, 0.35, 0.4], "the continuation's before row is not an iteration"
+
+    argv = ["--config", TINY, "--output", str(tmp_path / "out"), "--stage1", str(first.root), str(second.root)]
+    args, overrides = compare_protocol.parse_arguments(argv + ["--arms", "sft", "--fraction_arms", "--no-test"])
+    settings, errors = compare_protocol.read_settings(parse_config, TINY, overrides)
+    assert compare_protocol.argument_errors(args, overrides, settings) == []
+    calls = []
+    compare_protocol.run_seed(calls.append, compare_protocol.plan(args, overrides, settings), seed=0, group="g")
+    [arm] = calls
+    assert arm[arm.index("--model.lora.init_adapter") + 1] == str(tmp_path / "second" / "iter_0")
+
+
+def test_a_stage1_continuation_that_starts_elsewhere_is_refused(tmp_path):
+    first = _write_rows(RunDir(tmp_path / "first"), [(-1, 0.1, 9.0), (0, 0.2, 3.0), (1, 0.3, 2.0)])
+    other = _write_rows(RunDir(tmp_path / "other"), [(-1, 0.2, 3.0), (0, 0.4, 1.5)])  # from iteration 0, not 1
+    calls = []
+    with pytest.raises(ConfigError) as error:
+        compare.main(
+            ["--config", TINY, "--stage1", str(first.root), str(other.root)], fit=calls.append, parse=parse_config
+        )
+    assert f"--stage1: '{other.root}' does not continue '{first.root}': NLL 3.00000 before training" in str(error.value)
+    assert f"model.lora.init_adapter {first.root / 'iter_1'}" in str(error.value)
+    assert calls == []
 
 
 @pytest.mark.slow

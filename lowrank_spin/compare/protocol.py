@@ -5,7 +5,8 @@
 
 Each seed (`seed_everything` and `data.seed`) runs the whole protocol in `<output>/seed_<s>/`:
 
-1. **Stage 1, `stage1_sft/`** (or `--stage1 RUN`, one SFT run that every seed starts from): SFT-LoRA
+1. **Stage 1, `stage1_sft/`** (or `--stage1 RUN [CONTINUATION...]`, one SFT run that every seed starts
+   from, with any runs that continued it from its last adapter): SFT-LoRA
    on the annotated data until it has stopped improving, at `--sft_learning_rate`. After each iteration
    it scores validation accuracy (where answers are checked; else gold NLL, the selection metric) and
    gold NLL; the stage stops once `--patience` iterations in a row have not improved on the best
@@ -123,9 +124,13 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument(
         "--stage1",
+        nargs="+",
         default=None,
+        metavar="RUN",
         help="a finished SFT run (fit --model.objective.name=sft, evaluated on validation every iteration) "
-        "that every seed's stage 2 starts from, instead of a stage 1 per seed (the papers have one SFT model)",
+        "that every seed's stage 2 starts from, instead of a stage 1 per seed (the papers have one SFT model); "
+        "more runs after it are its continuations, each started from the one before's last adapter "
+        "(model.lora.init_adapter), read as one run",
     )
     parser.add_argument("--sft_iterations", type=int, default=12, help="stage 1: the cap on SFT iterations")
     parser.add_argument(
@@ -189,9 +194,7 @@ def argument_errors(args: argparse.Namespace, overrides: list[str], settings: di
         if getattr(args, flag) < 1:
             errors.append(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
     if args.stage1 is not None:
-        results = RunDir(args.stage1).read_results() if Path(args.stage1).is_dir() else {}
-        if not any(i >= 0 and r.get("split") == "validation" for i, r in results.items()):
-            errors.append(f"--stage1: {args.stage1!r} holds no per-iteration validation results (results.json)")
+        errors += _stage1_errors(args.stage1)
     for flag in ("sft_learning_rate", "test_examples"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             errors.append(f"--{flag}: must be > 0, got {getattr(args, flag)}")
@@ -202,6 +205,32 @@ def argument_errors(args: argparse.Namespace, overrides: list[str], settings: di
             errors.append(f"{flag}: set by compare for each run (seeds: --seeds); drop it from the command")
     if settings:
         errors += _data_errors(settings["data"])
+    return errors
+
+
+def _stage1_errors(runs: list[str]) -> list[str]:
+    """`--stage1 RUN [CONTINUATION...]`: each run holds per-iteration validation rows, and each
+    continuation started where the run before it ended: its evaluation before training (the adapter it
+    started from) scores what that run's last iteration scored."""
+    errors, previous = [], None  # (run, its last iteration, that iteration's row)
+    for run in runs:
+        results = RunDir(run).read_results() if Path(run).is_dir() else {}
+        if not any(i >= 0 and r.get("split") == "validation" for i, r in results.items()):
+            errors.append(f"--stage1: {run!r} holds no per-iteration validation results (results.json)")
+            previous = None
+            continue
+        start = results.get(RunDir.BEFORE)
+        if previous is not None:
+            before, last, row = previous
+            if start is None or start.get("accuracy") != row.get("accuracy") or abs(start["nll"] - row["nll"]) > 1e-4:
+                seen = "no evaluation before training" if start is None else f"NLL {start['nll']:.5f} before training"
+                errors.append(
+                    f"--stage1: {run!r} does not continue {before!r}: {seen}, where that run's last iteration "
+                    f"scored NLL {row['nll']:.5f} (a continuation starts from the run before's last adapter: "
+                    f"model.lora.init_adapter {RunDir(before).iteration(last)})"
+                )
+        last = max(results)
+        previous = (run, last, results[last])
     return errors
 
 
@@ -265,7 +294,7 @@ class Protocol:
     num_iterations: int
     sft_iterations: int
     patience: int
-    stage1: Path | None  # a shared stage-1 run; None: one per seed
+    stage1: tuple[Path, ...] | None  # a shared stage-1 run and its continuations; None: one run per seed
     sft_learning_rate: float | None
     test_examples: int | None
     test: bool
@@ -315,7 +344,7 @@ def plan(args: argparse.Namespace, overrides: list[str], settings: dict) -> Prot
         num_iterations=iterations,
         sft_iterations=args.sft_iterations,
         patience=args.patience,
-        stage1=None if args.stage1 is None else Path(args.stage1),
+        stage1=None if args.stage1 is None else tuple(Path(run) for run in args.stage1),
         sft_learning_rate=args.sft_learning_rate,
         test_examples=args.test_examples,
         test=test,
@@ -360,12 +389,12 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
     common = [f"--seed_everything={seed}", f"--data.seed={seed}"]
 
     # Stage 1: SFT until validation accuracy and NLL have both stopped improving (the fit stops itself).
-    stage1_dir = protocol.stage1 or seed_dir / STAGE1
+    stage1_runs = protocol.stage1 or (seed_dir / STAGE1,)
     if protocol.stage1 is None:
         _fit(
             fit,
             protocol,
-            stage1_dir,
+            stage1_runs[0],
             protocol.sft_iterations,
             [
                 *common,
@@ -384,8 +413,7 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
             group,
             f"seed{seed}_{STAGE1}",
         )
-    choice = select_sft_adapter(RunDir(stage1_dir), protocol.patience)
-    choice["adapter"] = str(RunDir(stage1_dir).iteration(choice["iteration"]))
+    choice = select_sft_adapter([RunDir(run) for run in stage1_runs], protocol.patience)
     seed_dir.mkdir(parents=True, exist_ok=True)  # (a shared stage 1 has not made it)
     write_text_atomic(seed_dir / "stage1.json", json.dumps(choice, indent=1))
     print(
@@ -450,18 +478,25 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
     return choice
 
 
-def select_sft_adapter(run_dir: RunDir, patience: int) -> dict:
+def select_sft_adapter(run_dirs: RunDir | list[RunDir], patience: int) -> dict:
     """Stage 1's choice from its per-iteration validation rows: the best iteration by accuracy (ties to
     the lower NLL; by NLL where answers are not checked), counting iterations only until `patience` in a
-    row have not improved on it (the rule `data.evaluation.patience` stops a fit by).
+    row have not improved on it (the rule `data.evaluation.patience` stops a fit by). Several runs are a
+    run and its continuations (`--stage1`), their iterations numbered on in order.
 
-    Returns {"iteration", "metric", "nll" and "accuracy" (per counted iteration, in order), "stopped_at"
-    (the iteration that ended the stage; None if it was still improving at its last)}.
+    Returns {"iteration", "adapter" (its folder), "metric", "nll" and "accuracy" (per counted iteration,
+    in order), "stopped_at" (the iteration that ended the stage; None if it was still improving at its last)}.
     """
-    results = run_dir.read_results()
-    iterations = sorted(i for i in results if i >= 0)
-    if not iterations:
-        raise ValueError(f"stage 1 wrote no per-iteration validation rows ({run_dir.results})")
+    run_dirs = [run_dirs] if isinstance(run_dirs, RunDir) else run_dirs
+    rows, adapters = [], []  # per stage-1 iteration, in order over the runs
+    for run_dir in run_dirs:
+        results = run_dir.read_results()
+        for i in sorted(i for i in results if i >= 0):
+            rows.append(results[i])
+            adapters.append(run_dir.iteration(i))
+    if not rows:
+        raise ValueError(f"stage 1 wrote no per-iteration validation rows ({run_dirs[0].results})")
+    results, iterations = dict(enumerate(rows)), list(range(len(rows)))
     metric = "accuracy" if any(results[i].get("accuracy") is not None for i in iterations) else "nll"
     stopped_at = None
     for i in iterations:
@@ -472,6 +507,7 @@ def select_sft_adapter(run_dir: RunDir, patience: int) -> dict:
     counted = [t for t in iterations if stopped_at is None or t <= stopped_at]
     return {
         "iteration": best,
+        "adapter": str(adapters[best]),
         "metric": metric,
         "nll": [results[t]["nll"] for t in counted],
         "accuracy": [results[t].get("accuracy") for t in counted],

@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
@@ -83,6 +84,14 @@ class SelfPlayCLI(LightningCLI):
                 "trainer.reload_dataloaders_every_n_epochs": 1,
             }
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's parsing, without its warning against `args` given beside a command line: `main`
+        always passes them (the command line's own, or one of `compare`'s fits) and would otherwise
+        print every argument of every fit in a warning."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, args)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

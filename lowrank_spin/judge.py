@@ -17,6 +17,7 @@ import json
 import logging
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from lowrank_spin.evaluation import wilson_interval
 from lowrank_spin.memory import release_freed_memory
@@ -90,12 +91,9 @@ class Judge:
             with self._loaded() as (model, pad_id):
                 for start in range(0, len(order), self.batch_size):
                     batch = order[start : start + self.batch_size]
-                    longest = max(len(encoded[i]) for i in batch)
-                    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-                    mask = torch.zeros_like(ids)
-                    for row, i in enumerate(batch):
-                        ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                        mask[row, : len(encoded[i])] = 1
+                    rows = [torch.tensor(encoded[i]) for i in batch]
+                    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+                    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
                     logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
                     for i, score in zip(batch, logits[:, 0].float().tolist()):
                         self._scores[keys[i]] = score

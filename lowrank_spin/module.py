@@ -237,6 +237,11 @@ class SelfPlayLoRA(L.LightningModule):
         )
 
     def on_fit_start(self) -> None:
+        # Transformers loads models in eval mode and Lightning keeps each module's mode, so without this
+        # the base's layers would train in eval mode: no gradient checkpointing (transformers applies it
+        # in train mode only) and none of the base's own dropout. Generation and evaluation switch to
+        # eval and back.
+        self.train()
         self._fit_start = time.perf_counter()
         self._seed = torch.initial_seed()  # the run's seed (seed_everything), read before any step reseeds
         self._check_memory()

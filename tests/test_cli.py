@@ -6,7 +6,10 @@ import csv
 import json
 import math
 import re
+import sys
+import warnings
 
+import lightning as L
 import pytest
 import torch
 from conftest import chat_batch, fit_args
@@ -14,7 +17,7 @@ from peft import PeftModel
 
 from lowrank_spin import models
 from lowrank_spin.batching import response_logps
-from lowrank_spin.cli import build_cli
+from lowrank_spin.cli import build_cli, main
 from lowrank_spin.files import RunDir, read_jsonl
 
 
@@ -132,6 +135,45 @@ def test_bad_config_fields_reported_together(tmp_path, cache_dir):
     assert "model.lora.rank: must be > 0" in message
     assert "model.objective.name: must be one of" in message
     assert not (tmp_path / "iter_0").exists(), "fails before any work"
+
+
+def test_the_command_lines_arguments_draw_no_lightning_warning(tmp_path, cache_dir, monkeypatch):
+    """`main` hands the command line on as `args`, which LightningCLI would warn about, printing them all."""
+    monkeypatch.setattr(sys, "argv", ["lowrank-spin", *fit_args(tmp_path, "--model.lora.rank", "0")])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="model.lora.rank"):
+        warnings.simplefilter("always")
+        main()
+    assert [str(w.message) for w in caught if "args parameter" in str(w.message)] == []
+
+
+class _Recomputation(L.Callback):
+    """Per optimizer step: whether the model was in train mode, and how many forwards of the first
+    decoder layer ran inside the backward pass (gradient checkpointing's recomputation)."""
+
+    def setup(self, trainer, module, stage):
+        self.calls, self.train_mode, self.in_backward = 0, [], []
+        layer = module.model.get_base_model().model.layers[0]
+        layer.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+    def on_before_backward(self, trainer, module, loss):
+        self.train_mode.append(all(m.training for m in module.modules()))
+        self._before = self.calls
+
+    def on_after_backward(self, trainer, module):
+        self.in_backward.append(self.calls - self._before)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_steps_run_in_train_mode_so_checkpointing_recomputes(tmp_path, cache_dir, checkpointing):
+    """Models load in eval mode and Lightning keeps each module's mode: the fit itself must switch to train
+    mode, or `model.gradient_checkpointing` (applied in train mode only) is silently off."""
+    options = ["--model.num_iterations", "1", "--model.gradient_checkpointing", str(checkpointing).lower()]
+    cli = build_cli(fit_args(tmp_path, *options)[1:], run=False)
+    recorder = _Recomputation()
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert recorder.train_mode and all(recorder.train_mode)
+    assert all(n > 0 for n in recorder.in_backward) if checkpointing else set(recorder.in_backward) == {0}
 
 
 @pytest.mark.slow

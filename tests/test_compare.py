@@ -217,7 +217,7 @@ def test_stage1_stops_when_the_validation_metric_stalls(tmp_path):
     rows = [(-1, 0.1, 9.0), (0, 0.2, 3.0), (1, 0.4, 2.0), (2, 0.3, 1.5), (3, 0.4, 2.1), (4, 0.38, 1.4), (5, 0.5, 1.0)]
     for iteration, accuracy, nll in rows:
         run_dir.write_result({"iteration": iteration, "accuracy": accuracy, "nll": nll, "generated_tokens": 1.0})
-    assert compare.select_sft_adapter(run_dir, patience=2) == {
+    assert compare.select_sft_adapter([run_dir], patience=2) == {
         "iteration": 1,
         "adapter": str(tmp_path / "iter_1"),
         "metric": "accuracy",
@@ -225,7 +225,7 @@ def test_stage1_stops_when_the_validation_metric_stalls(tmp_path):
         "accuracy": [0.2, 0.4, 0.3, 0.4],
         "stopped_at": 3,
     }, "iteration 3 ties iteration 1 at a higher NLL: no improvement, so the stage ends there"
-    capped = compare.select_sft_adapter(run_dir, patience=5)
+    capped = compare.select_sft_adapter([run_dir], patience=5)
     assert (capped["iteration"], capped["stopped_at"]) == (5, None), "still improving at the last iteration"
 
 
@@ -240,7 +240,7 @@ def test_a_stage1_run_and_its_continuation_are_read_as_one(tmp_path):
     """`--stage1 RUN CONTINUATION`: a run capped while improving, continued from its last adapter until it
     stalled, is one converged stage 1 (not "capped"), iterations numbered on; the choice may be in either."""
     first = _write_rows(RunDir(tmp_path / "first"), [(-1, 0.1, 9.0), (0, 0.2, 3.0), (1, 0.3, 2.0)])
-    assert compare.select_sft_adapter(first, patience=2)["stopped_at"] is None, "alone it is capped"
+    assert compare.select_sft_adapter([first], patience=2)["stopped_at"] is None, "alone it is capped"
     second = _write_rows(RunDir(tmp_path / "second"), [(-1, 0.3, 2.0), (0, 0.4, 1.5), (1, 0.35, 1.4), (2, 0.4, 1.6)])
     choice = compare.select_sft_adapter([first, second], patience=2)
     assert (choice["iteration"], choice["stopped_at"]) == (2, 4)

@@ -478,16 +478,15 @@ def run_seed(fit: Callable[[list[str]], object], protocol: Protocol, seed: int, 
     return choice
 
 
-def select_sft_adapter(run_dirs: RunDir | list[RunDir], patience: int) -> dict:
+def select_sft_adapter(run_dirs: list[RunDir], patience: int) -> dict:
     """Stage 1's choice from its per-iteration validation rows: the best iteration by accuracy (ties to
     the lower NLL; by NLL where answers are not checked), counting iterations only until `patience` in a
-    row have not improved on it (the rule `data.evaluation.patience` stops a fit by). Several runs are a
-    run and its continuations (`--stage1`), their iterations numbered on in order.
+    row have not improved on it (the rule `data.evaluation.patience` stops a fit by). `run_dirs` are a run
+    and its continuations (`--stage1`; usually the run alone), their iterations numbered on in order.
 
     Returns {"iteration", "adapter" (its folder), "metric", "nll" and "accuracy" (per counted iteration,
     in order), "stopped_at" (the iteration that ended the stage; None if it was still improving at its last)}.
     """
-    run_dirs = [run_dirs] if isinstance(run_dirs, RunDir) else run_dirs
     rows, adapters = [], []  # per stage-1 iteration, in order over the runs
     for run_dir in run_dirs:
         results = run_dir.read_results()

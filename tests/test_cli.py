@@ -18,6 +18,7 @@ from peft import PeftModel
 from lowrank_spin import models
 from lowrank_spin.batching import response_logps
 from lowrank_spin.cli import build_cli, main
+from lowrank_spin.compare.protocol import _share_before_evaluation
 from lowrank_spin.files import RunDir, read_jsonl
 
 
@@ -148,12 +149,14 @@ def test_the_command_lines_arguments_draw_no_lightning_warning(tmp_path, cache_d
 
 class _Recomputation(L.Callback):
     """Per optimizer step: whether the model was in train mode, and how many forwards of the first
-    decoder layer ran inside the backward pass (gradient checkpointing's recomputation)."""
+    decoder layer's first norm ran inside the backward pass: gradient checkpointing's recomputation.
+    (Transformers checkpoints the layer's `forward`, so the layer's own hooks stay outside the replay, and
+    the replay stops once it has what the backward needs, so a later child may never run again.)"""
 
-    def setup(self, trainer, module, stage):
+    def on_train_start(self, trainer, module):
         self.calls, self.train_mode, self.in_backward = 0, [], []
-        layer = module.model.get_base_model().model.layers[0]
-        layer.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+        norm = module.model.get_base_model().model.layers[0].input_layernorm
+        norm.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
 
     def on_before_backward(self, trainer, module, loss):
         self.train_mode.append(all(m.training for m in module.modules()))
@@ -166,9 +169,14 @@ class _Recomputation(L.Callback):
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_steps_run_in_train_mode_so_checkpointing_recomputes(tmp_path, cache_dir, checkpointing):
     """Models load in eval mode and Lightning keeps each module's mode: the fit itself must switch to train
-    mode, or `model.gradient_checkpointing` (applied in train mode only) is silently off."""
-    options = ["--model.num_iterations", "1", "--model.gradient_checkpointing", str(checkpointing).lower()]
-    cli = build_cli(fit_args(tmp_path, *options)[1:], run=False)
+    mode, or `model.gradient_checkpointing` (applied in train mode only) is silently off. Here nothing
+    switches modes before the first step, as in a resumed fit or a compare arm whose start's evaluation is
+    shared: an SFT iteration (no generation) with the evaluation before it already done."""
+    run_tiny(tmp_path / "first", "--model.objective.name", "sft", "--model.num_iterations", "1")
+    _share_before_evaluation(tmp_path / "first", tmp_path / "run")
+    options = ["--model.objective.name", "sft", "--model.num_iterations", "1"]
+    options += ["--model.gradient_checkpointing", str(checkpointing).lower()]
+    cli = build_cli(fit_args(tmp_path / "run", *options)[1:], run=False)
     recorder = _Recomputation()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -79,7 +79,10 @@ def test_the_tiny_judge_scores_by_its_construction(judge_dir):
         [{"role": "user", "content": prompt}, {"role": "assistant", "content": answers[0]}], tokenize=False
     )
     a = 2**0.5 * 6 / len(judge.tokenizer(ids, add_special_tokens=False)["input_ids"])
-    assert scores[0] == pytest.approx(2 * a / (1 + a * a) ** 0.5, rel=1e-5)
+    # the judge's dtype is the hardware's (`auto`): bf16 where the CPU has it, whose 8-bit mantissa
+    # rounds each step by up to 2**-8
+    rel = 1e-5 if judge.dtype == "float32" else 2e-2
+    assert scores[0] == pytest.approx(2 * a / (1 + a * a) ** 0.5, rel=rel)
     # batched (padded) and one at a time agree: the score is read at each row's own last token
     alone = judge_module.Judge(judge_dir, batch_size=1).scores([(prompt, a) for a in answers])
     assert scores == pytest.approx(alone, abs=1e-6)

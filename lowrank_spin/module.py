@@ -237,10 +237,11 @@ class SelfPlayLoRA(L.LightningModule):
         )
 
     def on_fit_start(self) -> None:
-        # Transformers loads models in eval mode and Lightning keeps each module's mode, so without this
-        # the base's layers would train in eval mode: no gradient checkpointing (transformers applies it
-        # in train mode only) and none of the base's own dropout. Generation and evaluation switch to
-        # eval and back.
+        # Transformers loads models in eval mode and Lightning keeps each module's mode. Evaluation and
+        # generation end by putting the whole model in train mode, but where neither comes before the
+        # first step (a resumed fit, a compare arm given its start's evaluation) the base's layers would
+        # train in eval mode: no gradient checkpointing (transformers applies it in train mode only) and
+        # none of the base's own dropout.
         self.train()
         self._fit_start = time.perf_counter()
         self._seed = torch.initial_seed()  # the run's seed (seed_everything), read before any step reseeds
